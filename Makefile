@@ -1,0 +1,46 @@
+# k-vswitch developer entry points. Every target installs what it needs, idempotently.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := openvswitch-switch containernetworking-plugins iproute2 ethtool iperf3 iputils-ping iputils-arping tcpdump
+PYTEST_ARGS ?=
+
+.PHONY: setup system-packages venv test lint bench sandbox clean-runs
+
+setup: system-packages venv
+
+# Installs only what is missing, so a second run costs a few dpkg queries.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check kvswitch tests bench
+	$(VENV)/bin/ruff format --check kvswitch tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/testbed.py
+
+sandbox: setup
+	$(VENV)/bin/kvswitchctl sandbox
+
+# Removes what an interrupted run (kill -9, power loss) may have left behind.
+clean-runs: venv
+	$(VENV)/bin/kvswitchctl clean-runs

@@ -1,0 +1,11 @@
+"""A real-OVS multi-node test bed on one machine: nodes and pods are network namespaces.
+
+Shared by the tests, the sandbox and the benchmarks so that all three exercise the same
+processes, namespaces and packets.
+"""
+
+from kvswitch.testbed.bed import Node, Pod, TestBed
+from kvswitch.testbed.leaks import LeakReport, find_leaks
+from kvswitch.testbed.ovsproc import OvsInstance
+
+__all__ = ["LeakReport", "Node", "OvsInstance", "Pod", "TestBed", "find_leaks"]
