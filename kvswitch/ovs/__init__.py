@@ -1,0 +1,1 @@
+"""Open vSwitch access: ovsdb (IDL), flow models, and the OpenFlow reconciler."""

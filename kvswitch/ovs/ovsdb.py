@@ -1,0 +1,421 @@
+"""ovsdb access over the official OVS Python IDL, in ensure()-style idempotent calls.
+
+:class:`Ovsdb` is synchronous and owns its IDL; it must be used from one thread at a time. The CNI
+plugin uses it directly; the agent uses :class:`AsyncOvsdb`, which runs every call on one worker
+thread so the event loop never blocks and the IDL is never shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import ovs.db.idl
+import ovs.jsonrpc
+import ovs.poller
+import ovs.stream
+
+SCHEMA_PATH = Path("/usr/share/openvswitch/vswitch.ovsschema")
+TUNNEL_TYPES = frozenset({"vxlan", "gre", "geneve"})
+_COLUMNS: dict[str, list[str]] = {
+    "Open_vSwitch": ["bridges", "other_config", "external_ids", "cur_cfg", "next_cfg"],
+    "Bridge": ["name", "ports", "datapath_type", "fail_mode", "protocols", "external_ids", "other_config"],
+    "Port": ["name", "interfaces", "external_ids"],
+    "Interface": [
+        "name",
+        "type",
+        "options",
+        "ofport",
+        "external_ids",
+        "error",
+        "mac_in_use",
+        "mtu_request",
+        "ofport_request",
+    ],
+}
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class OvsdbError(RuntimeError):
+    """ovsdb refused or did not answer; the message says what was asked."""
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    name: str
+    bridge: str | None
+    type: str
+    ofport: int | None
+    external_ids: dict[str, str] = field(default_factory=dict)
+    iface_external_ids: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _load_schema_helper(remote: str) -> ovs.db.idl.SchemaHelper:
+    if SCHEMA_PATH.exists():
+        return ovs.db.idl.SchemaHelper(location=str(SCHEMA_PATH))
+    # No schema file (e.g. a slim image talking to the host's OVS): ask the server.
+    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote))
+    if error:
+        raise OvsdbError(f"cannot connect to {remote}: {error}")
+    rpc = ovs.jsonrpc.Connection(stream)
+    try:
+        error, reply = rpc.transact_block(ovs.jsonrpc.Message.create_request("get_schema", ["Open_vSwitch"]))
+        if error or reply.error:
+            raise OvsdbError(f"get_schema from {remote} failed: {error or reply.error}")
+        return ovs.db.idl.SchemaHelper(schema_json=reply.result)
+    finally:
+        rpc.close()
+
+
+def _unwrap(value: Any) -> Any:
+    """IDL optional columns come as [] or [x]."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def _merge_map(row: Any, column: str, values: Mapping[str, str] | None) -> None:
+    current = getattr(row, column)
+    for k, v in (values or {}).items():
+        if current.get(k) != v:
+            row.setkey(column, k, v)
+
+
+class Ovsdb:
+    """A connected IDL over the tables k-vswitch needs."""
+
+    def __init__(self, remote: str, timeout: float = 10.0) -> None:
+        self.remote = remote
+        self.timeout = timeout
+        helper = _load_schema_helper(remote)
+        for table, cols in _COLUMNS.items():
+            helper.register_columns(table, cols)
+        self.idl = ovs.db.idl.Idl(remote, helper, leader_only=False)
+        self._sync(lambda: self.idl.has_ever_connected(), "initial dump")
+
+    def close(self) -> None:
+        self.idl.close()
+
+    # --- the poll loop ------------------------------------------------------------------
+
+    def _sync(self, done: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        """Run the IDL until ``done()``; checks right after run(), never only after block()."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        while True:
+            self.idl.run()
+            if done():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OvsdbError(f"ovsdb {self.remote}: timed out waiting for {what}")
+            poller = ovs.poller.Poller()
+            self.idl.wait(poller)
+            poller.timer_wait(int(min(remaining, 0.1) * 1000))
+            poller.block()
+
+    def refresh(self) -> None:
+        self.idl.run()
+
+    def transact(self, build: Callable[[ovs.db.idl.Transaction], None], what: str) -> None:
+        """Build and commit one transaction, retrying when the IDL says try-again."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.idl.run()
+            txn = ovs.db.idl.Transaction(self.idl)
+            build(txn)
+            status = txn.commit()
+            while status == ovs.db.idl.Transaction.INCOMPLETE:
+                poller = ovs.poller.Poller()
+                self.idl.run()
+                self.idl.wait(poller)
+                txn.wait(poller)
+                poller.timer_wait(100)
+                poller.block()
+                status = txn.commit()
+                if time.monotonic() > deadline:
+                    txn.abort()
+                    raise OvsdbError(f"ovsdb {self.remote}: timed out committing {what}")
+            if status in (ovs.db.idl.Transaction.SUCCESS, ovs.db.idl.Transaction.UNCHANGED):
+                self.idl.run()
+                return
+            if status == ovs.db.idl.Transaction.TRY_AGAIN and time.monotonic() < deadline:
+                self._sync(lambda: True, "resync after try-again")
+                continue
+            raise OvsdbError(f"ovsdb {self.remote}: {what} failed: {status} {txn.get_error() or ''}".strip())
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def _rows(self, table: str) -> dict[uuidlib.UUID, Any]:
+        rows: dict[uuidlib.UUID, Any] = self.idl.tables[table].rows
+        return rows
+
+    def _root(self) -> Any:
+        return next(iter(self._rows("Open_vSwitch").values()))
+
+    def _bridge(self, name: str) -> Any | None:
+        return next((r for r in self._rows("Bridge").values() if r.name == name), None)
+
+    def _port(self, name: str) -> Any | None:
+        return next((r for r in self._rows("Port").values() if r.name == name), None)
+
+    def _bridge_of_port(self, port: Any) -> Any | None:
+        return next((b for b in self._rows("Bridge").values() if port in b.ports), None)
+
+    def bridge_exists(self, name: str) -> bool:
+        return self._bridge(name) is not None
+
+    def list_bridges(self) -> list[str]:
+        return sorted(r.name for r in self._rows("Bridge").values())
+
+    def port_info(self, name: str) -> PortInfo | None:
+        port = self._port(name)
+        return self._info(port) if port is not None else None
+
+    def _info(self, port: Any) -> PortInfo:
+        iface = next((i for i in port.interfaces if i.name == port.name), None) or (
+            port.interfaces[0] if port.interfaces else None
+        )
+        bridge = self._bridge_of_port(port)
+        ofport = _unwrap(iface.ofport) if iface is not None else None
+        return PortInfo(
+            name=port.name,
+            bridge=bridge.name if bridge is not None else None,
+            type=iface.type if iface is not None else "",
+            ofport=ofport if ofport is not None and ofport > 0 else None,
+            external_ids=dict(port.external_ids),
+            iface_external_ids=dict(iface.external_ids) if iface is not None else {},
+            options=dict(iface.options) if iface is not None else {},
+            error=_unwrap(iface.error) if iface is not None else None,
+        )
+
+    def find_ports(self, bridge: str | None = None, **external_ids: str) -> list[PortInfo]:
+        """Ports whose Port or Interface external_ids contain every given key=value."""
+        found = []
+        for port in self._rows("Port").values():
+            info = self._info(port)
+            if bridge is not None and info.bridge != bridge:
+                continue
+            merged = {**info.iface_external_ids, **info.external_ids}
+            if all(merged.get(k) == v for k, v in external_ids.items()):
+                found.append(info)
+        return sorted(found, key=lambda p: p.name)
+
+    def get_external_ids(self, table: str, name: str) -> dict[str, str]:
+        row = self._named(table, name)
+        return dict(row.external_ids) if row is not None else {}
+
+    def get_other_config(self) -> dict[str, str]:
+        return dict(self._root().other_config)
+
+    def _named(self, table: str, name: str) -> Any | None:
+        if table == "Open_vSwitch":
+            return self._root()
+        return next((r for r in self._rows(table).values() if r.name == name), None)
+
+    # --- ensure-style writes --------------------------------------------------------------
+
+    def ensure_bridge(
+        self,
+        name: str,
+        datapath_type: str = "system",
+        fail_mode: str = "secure",
+        protocols: tuple[str, ...] = ("OpenFlow10", "OpenFlow13", "OpenFlow15"),
+        external_ids: Mapping[str, str] | None = None,
+        other_config: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create the bridge, or bring the listed settings of an existing one to these values."""
+
+        def build(txn: ovs.db.idl.Transaction) -> None:
+            br = self._bridge(name)
+            if br is None:
+                iface = txn.insert(self.idl.tables["Interface"])
+                iface.name = name
+                iface.type = "internal"
+                port = txn.insert(self.idl.tables["Port"])
+                port.name = name
+                port.interfaces = [iface]
+                br = txn.insert(self.idl.tables["Bridge"])
+                br.name = name
+                br.ports = [port]
+                br.datapath_type = datapath_type
+                br.fail_mode = fail_mode
+                br.protocols = list(protocols)
+                br.external_ids = dict(external_ids or {})
+                br.other_config = dict(other_config or {})
+                self._root().addvalue("bridges", br.uuid)
+                return
+            if br.datapath_type != datapath_type:
+                br.datapath_type = datapath_type
+            if _unwrap(br.fail_mode) != fail_mode:
+                br.fail_mode = fail_mode
+            if set(br.protocols) != set(protocols):
+                br.protocols = list(protocols)
+            _merge_map(br, "external_ids", external_ids)
+            _merge_map(br, "other_config", other_config)
+
+        self.transact(build, f"ensure bridge {name}")
+
+    def delete_bridge(self, name: str) -> None:
+        def build(txn: ovs.db.idl.Transaction) -> None:
+            br = self._bridge(name)
+            if br is not None:
+                self._root().delvalue("bridges", br.uuid)
+                br.delete()
+
+        self.transact(build, f"delete bridge {name}")
+
+    def ensure_port(
+        self,
+        bridge: str,
+        name: str,
+        type: str = "",
+        options: Mapping[str, str] | None = None,
+        external_ids: Mapping[str, str] | None = None,
+        iface_external_ids: Mapping[str, str] | None = None,
+        ofport_request: int | None = None,
+        mtu_request: int | None = None,
+    ) -> None:
+        """Add the port (or update it in place): ``type`` is "" for a netdev such as a veth,
+        "internal", or a tunnel type; external_ids are merged, never dropped."""
+        if type in TUNNEL_TYPES and options is None:
+            options = {"remote_ip": "flow", "key": "flow"}
+
+        def build(txn: ovs.db.idl.Transaction) -> None:
+            br = self._bridge(bridge)
+            if br is None:
+                raise OvsdbError(f"bridge {bridge} does not exist")
+            port = self._port(name)
+            if port is not None and port not in br.ports:
+                # Attached to another bridge: move it.
+                other = self._bridge_of_port(port)
+                if other is not None:
+                    other.delvalue("ports", port.uuid)
+                port.delete()
+                port = None
+            if port is None:
+                iface = txn.insert(self.idl.tables["Interface"])
+                iface.name = name
+                iface.type = type
+                iface.options = dict(options or {})
+                iface.external_ids = dict(iface_external_ids or {})
+                if ofport_request is not None:
+                    iface.ofport_request = [ofport_request]
+                if mtu_request is not None:
+                    iface.mtu_request = [mtu_request]
+                port = txn.insert(self.idl.tables["Port"])
+                port.name = name
+                port.interfaces = [iface]
+                port.external_ids = dict(external_ids or {})
+                br.addvalue("ports", port.uuid)
+                return
+            iface = port.interfaces[0]
+            if iface.type != type:
+                iface.type = type
+            if options is not None and dict(iface.options) != dict(options):
+                iface.options = dict(options)
+            if ofport_request is not None and _unwrap(iface.ofport_request) != ofport_request:
+                iface.ofport_request = [ofport_request]
+            if mtu_request is not None and _unwrap(iface.mtu_request) != mtu_request:
+                iface.mtu_request = [mtu_request]
+            _merge_map(port, "external_ids", external_ids)
+            _merge_map(iface, "external_ids", iface_external_ids)
+
+        self.transact(build, f"ensure port {name} on {bridge}")
+
+    def delete_port(self, name: str) -> bool:
+        """Remove the port wherever it is; False when there was none (idempotent)."""
+        existed = self._port(name) is not None
+
+        def build(txn: ovs.db.idl.Transaction) -> None:
+            port = self._port(name)
+            if port is None:
+                return
+            br = self._bridge_of_port(port)
+            if br is not None:
+                br.delvalue("ports", port.uuid)
+            port.delete()
+
+        self.transact(build, f"delete port {name}")
+        return existed
+
+    def set_external_ids(self, table: str, name: str, values: Mapping[str, str | None]) -> None:
+        """Set (or with None remove) keys of a Bridge/Port/Interface/Open_vSwitch row."""
+
+        def build(txn: ovs.db.idl.Transaction) -> None:
+            row = self._named(table, name)
+            if row is None:
+                raise OvsdbError(f"{table} {name} does not exist")
+            for k, v in values.items():
+                if v is None:
+                    if k in row.external_ids:
+                        row.delkey("external_ids", k)
+                elif row.external_ids.get(k) != v:
+                    row.setkey("external_ids", k, v)
+
+        self.transact(build, f"set external_ids on {table} {name}")
+
+    def set_other_config(self, values: Mapping[str, str | None]) -> None:
+        """Open_vSwitch other_config, e.g. ``flow-restore-wait``."""
+
+        def build(txn: ovs.db.idl.Transaction) -> None:
+            root = self._root()
+            for k, v in values.items():
+                if v is None:
+                    if k in root.other_config:
+                        root.delkey("other_config", k)
+                elif root.other_config.get(k) != v:
+                    root.setkey("other_config", k, v)
+
+        self.transact(build, "set other_config")
+
+    def wait_ofport(self, name: str, timeout: float = 5.0) -> int:
+        """Block until vswitchd assigned the port an OpenFlow number; raise with its error if it failed."""
+        result: list[int] = []
+
+        def done() -> bool:
+            info = self.port_info(name)
+            if info is None:
+                return False
+            if info.error:
+                raise OvsdbError(f"port {name}: {info.error}")
+            if info.ofport is not None:
+                result.append(info.ofport)
+                return True
+            return False
+
+        self._sync(done, f"ofport of {name}", timeout)
+        return result[0]
+
+
+class AsyncOvsdb:
+    """:class:`Ovsdb` for asyncio: every call runs on one dedicated thread."""
+
+    def __init__(self, db: Ovsdb, executor: ThreadPoolExecutor) -> None:
+        self.db = db
+        self._executor = executor
+
+    @classmethod
+    async def connect(cls, remote: str, timeout: float = 10.0) -> AsyncOvsdb:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovsdb")
+        loop = asyncio.get_running_loop()
+        db = await loop.run_in_executor(executor, functools.partial(Ovsdb, remote, timeout))
+        return cls(db, executor)
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def close(self) -> None:
+        await self.call(self.db.close)
+        self._executor.shutdown(wait=True)
