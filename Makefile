@@ -37,6 +37,7 @@ lint: venv
 
 bench: setup
 	$(PY) bench/testbed.py
+	$(PY) bench/flows.py
 
 sandbox: setup
 	$(VENV)/bin/kvswitchctl sandbox

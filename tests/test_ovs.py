@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvswitch.ovs.flows import Canonicalizer, Flow, parse_dump
+from kvswitch.ovs.flows import Canonicalizer, Flow, parse_dump, parse_dump_index
 from kvswitch.ovs.openflow import SENTINEL_FLOW, FlowConflict, FlowReconciler, Ofctl, OfctlError
 from kvswitch.ovs.ovsdb import AsyncOvsdb, Ovsdb, OvsdbError
 from kvswitch.ovs.pipeline import (
@@ -384,3 +384,18 @@ def test_parse_dump_handles_ovs_output_shapes() -> None:
 
 def test_run_helper_available() -> None:
     assert run(["ovs-ofctl", "--version"]).returncode == 0
+
+
+def test_fast_dump_index_agrees_with_the_line_parser() -> None:
+    common = (
+        " cookie=0x5, table=3, actions=drop\n"
+        " table=5, priority=0 actions=drop\n"
+        " priority=0 actions=NORMAL\n"
+        " cookie=0xff, table=9, priority=7,tcp,tp_dst=80 actions=ct(commit,zone=1)\n"
+        " table=6, ip actions=drop\n"
+    )
+    odd = common + " table=8, idle_timeout=50, priority=3,ip actions=drop\n"
+    for text in (common, odd):
+        expected = {f.key: (f.cookie, f.actions) for f in parse_dump(text)}
+        assert parse_dump_index(text) == expected
+    assert (8, 3, "ip") in parse_dump_index(odd)

@@ -8,6 +8,7 @@ through ``ovs-ofctl parse-flows`` (OVS's own normaliser: field order, ``ip,tcp``
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterable, Mapping
 
@@ -55,8 +56,10 @@ class Flow(BaseModel):
         return f"cookie={c:#x},{self.spec()} actions={self.actions}"
 
 
-def parse_dump_line(line: str) -> Flow:
-    """Parse one line of ``ovs-ofctl dump-flows [--no-stats]`` into a :class:`Flow`."""
+LiveFlow = tuple[int, str]  # (cookie, actions) of a live flow
+
+
+def _parse_line(line: str) -> tuple[FlowKey, int, str]:
     head, sep, actions = line.strip().partition(" actions=")
     if not sep:
         raise FlowError(f"not a flow line: {line!r}")
@@ -76,11 +79,40 @@ def parse_dump_line(line: str) -> Flow:
             priority = int(prio)
         else:
             match = segment
-    return Flow.model_construct(table=table, priority=priority, match=match, actions=actions, cookie=cookie)
+    return (table, priority, match), cookie, actions
+
+
+def parse_dump_line(line: str) -> Flow:
+    """Parse one line of ``ovs-ofctl dump-flows [--no-stats]`` into a :class:`Flow`."""
+    (table, priority, match), cookie, actions = _parse_line(line)
+    return Flow(table=table, priority=priority, match=match, actions=actions, cookie=cookie)
 
 
 def parse_dump(text: str) -> list[Flow]:
     return [parse_dump_line(line) for line in text.splitlines() if " actions=" in line]
+
+
+# The shape of every ``--no-stats`` line that carries no timeouts or flags: parsed by one regex
+# scan of the whole text, which is several times faster than splitting line by line.
+_COMMON_LINE = re.compile(
+    r"^ (?:cookie=0x([0-9a-f]+), )?(?:table=(\d+), )?(?:priority=(\d+),?)?(\S*) ?actions=(\S+)$", re.M
+)
+
+
+def parse_dump_index(text: str) -> dict[FlowKey, LiveFlow]:
+    """The live table as key → (cookie, actions): the full-resync hot path, no model objects."""
+    rows = _COMMON_LINE.findall(text)
+    if len(rows) == text.count(" actions="):
+        return {
+            (int(t or 0), int(p) if p else DEFAULT_PRIORITY, m): (int(c or "0", 16), a)
+            for c, t, p, m, a in rows
+        }
+    index = {}  # some line has another shape (timeouts, flags): take the general parser
+    for line in text.splitlines():
+        if " actions=" in line:
+            key, cookie, actions = _parse_line(line)
+            index[key] = (cookie, actions)
+    return index
 
 
 def _parse_flow_mod_line(line: str) -> tuple[int, int, str, str]:

@@ -18,10 +18,11 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
-from kvswitch.ovs.flows import Canonicalizer, Flow, FlowKey, parse_dump
+from kvswitch.ovs.flows import Canonicalizer, Flow, FlowKey, LiveFlow, parse_dump, parse_dump_index
 from kvswitch.ovs.ovsdb import AsyncOvsdb
 from kvswitch.ovs.pipeline import (
     ROUND_EXTERNAL_ID,
@@ -59,17 +60,21 @@ class Ofctl:
         return {**os.environ, "OVS_RUNDIR": self.rundir} if self.rundir else None
 
     async def _run(self, *args: str, input: str | None = None) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            "ovs-ofctl", "-O", "OpenFlow15", *args,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env(),
-        )  # fmt: skip
-        out, err = await proc.communicate(input.encode() if input is not None else None)
-        if proc.returncode != 0:
-            raise OfctlError(f"ovs-ofctl {args[0]} {self.target}: {err.decode().strip()}")
-        return out.decode()
+        # Output goes to an anonymous file, read in one go: streaming a 100k-flow dump through
+        # the event loop in 64 KiB pipe reads costs more than the dump itself.
+        with tempfile.TemporaryFile() as out:
+            proc = await asyncio.create_subprocess_exec(
+                "ovs-ofctl", "-O", "OpenFlow15", *args,
+                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env(),
+            )  # fmt: skip
+            _, err = await proc.communicate(input.encode() if input is not None else None)
+            if proc.returncode != 0:
+                raise OfctlError(f"ovs-ofctl {args[0]} {self.target}: {err.decode().strip()}")
+            out.seek(0)
+            return out.read().decode()
 
     async def bundle(self, lines: list[str]) -> None:
         """Apply ``add``/``modify_strict``/``delete_strict`` lines atomically."""
@@ -83,6 +88,9 @@ class Ofctl:
 
     async def dump(self, *filters: str) -> list[Flow]:
         return parse_dump(await self._run("dump-flows", "--no-stats", self.target, *filters))
+
+    async def dump_index(self, *filters: str) -> dict[FlowKey, LiveFlow]:
+        return parse_dump_index(await self._run("dump-flows", "--no-stats", self.target, *filters))
 
     async def reachable(self) -> bool:
         try:
@@ -213,19 +221,18 @@ class FlowReconciler:
     async def resync(self) -> ResyncReport:
         """Compare every desired flow with the live table; fix what differs in one bundle."""
         async with self._lock:
-            live = {f.key: f for f in await self.ofctl.dump()}
+            live = await self.ofctl.dump_index()
             report = ResyncReport()
             seen: set[FlowKey] = set()
             unresolved: list[tuple[Flow, int]] = []
             for owner, flows in self._desired.items():
                 cookie = self.cookie(owner)
                 for key, flow in flows.items():
-                    have = live.get(key)
-                    if have is not None and have.actions == flow.actions and have.cookie == cookie:
+                    if live.get(key) == (cookie, flow.actions):
                         seen.add(key)
-                        report.unchanged += 1
                     else:
                         unresolved.append((flow, cookie))
+            report.unchanged = len(seen)
             lines: list[str] = []
             if unresolved:
                 # Authored text differs from OVS's rendering, or the flow really is missing/changed.
@@ -233,18 +240,16 @@ class FlowReconciler:
                 for flow, cookie in unresolved:
                     match, actions = canon[(flow.table, flow.priority, flow.match, flow.actions)]
                     ckey = (flow.table, flow.priority, match)
-                    have = live.get(ckey)
-                    if have is not None and have.actions == actions and have.cookie == cookie:
-                        seen.add(ckey)
+                    seen.add(ckey)
+                    if live.get(ckey) == (cookie, actions):
                         report.unchanged += 1
                     else:
-                        seen.add(ckey)
                         lines.append("add " + flow.render(cookie))
                         report.added += 1
-            for key, flow in live.items():
-                if key not in seen:
-                    lines.append("delete_strict " + flow.spec())
-                    report.deleted += 1
+            for key in live.keys() - seen:
+                table, priority, match = key
+                lines.append(f"delete_strict table={table},priority={priority}{',' + match if match else ''}")
+                report.deleted += 1
             await self.ofctl.bundle(lines)
             return report
 
