@@ -8,6 +8,7 @@ thread so the event loop never blocks and the IDL is never shared between thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid as uuidlib
@@ -378,6 +379,12 @@ class Ovsdb:
                     root.setkey("other_config", k, v)
 
         self.transact(build, "set other_config")
+
+    def wait_change(self, seqno: int, timeout: float) -> int:
+        """Block until the IDL's contents differ from ``seqno`` (or ``timeout``); the new seqno."""
+        with contextlib.suppress(OvsdbError):
+            self._sync(lambda: self.idl.change_seqno != seqno, "a change", timeout)
+        return int(self.idl.change_seqno)
 
     def wait_ofport(self, name: str, timeout: float = 5.0) -> int:
         """Block until vswitchd assigned the port an OpenFlow number; raise with its error if it failed."""

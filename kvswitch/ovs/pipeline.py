@@ -68,7 +68,46 @@ def cookie_category(cookie: int) -> int:
 
 # --- tables ----------------------------------------------------------------------------------
 class Table(IntEnum):
+    """Packets enter at CLASSIFIER; numbers leave gaps for the policy stages (30-49, 60-69)."""
+
+    CLASSIFIER = 0  # by in_port: gateway, tunnel or a pod port; anything else is dropped
+    SPOOF_GUARD = 10  # a pod may send only with its own MAC and IP, and ARP only as itself
+    ARP_RESPONDER = 20  # answers every ARP request from flows; no ARP is ever flooded
+    L3_FORWARD = 50  # by destination IP: gateway, local pod, remote pod CIDR (tunnel), external
+    OUTPUT = 70  # sends to the port in REG_OUT_PORT
     SENTINEL = 253  # holds only the sentinel flow; nothing resubmits here (254 is OVS-internal)
 
 
+# --- registers -------------------------------------------------------------------------------
+REG_SOURCE = "reg0"  # where the packet entered: one of Source
+REG_OUT_PORT = "reg1"  # ofport chosen by L3_FORWARD for OUTPUT
+
+
+class Source(IntEnum):
+    GATEWAY = 1
+    TUNNEL = 2
+    POD = 3
+
+
+# --- fixed ports and addresses ---------------------------------------------------------------
+GATEWAY_PORT = "kvs-gw0"  # internal port holding the pod CIDR's first address
+TUNNEL_PORT = "kvs-tun0"  # flow-based tunnel (remote_ip=flow, key=flow)
+GATEWAY_OFPORT = 65001
+TUNNEL_OFPORT = 65000
+GATEWAY_MAC = "02:6b:76:00:00:01"  # the virtual router MAC every pod and the host see
+TUNNEL_KEY = 1  # VNI / GRE key of the pod network
+
+# --- priorities ------------------------------------------------------------------------------
+PRIO_DEFAULT = 0
+PRIO_LOW = 10
+PRIO_CLUSTER = 50
+PRIO_REMOTE = 100
+PRIO_NO_HAIRPIN = 150
+PRIO_POD = 200
+PRIO_GATEWAY = 300
+
+# --- ovsdb external_ids ----------------------------------------------------------------------
+EXT_ROLE = "k-vswitch/role"  # on the gateway and tunnel ports
+
 SENTINEL_OWNER = Owner(Category.SENTINEL, "sentinel")
+NODE_OWNER = Owner(Category.NODE, "local")

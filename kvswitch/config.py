@@ -1,0 +1,156 @@
+"""Typed configuration: the VSwitchConfig spec and the settings of the controller and the agent.
+
+The VSwitchConfig rules mirror the CRD's OpenAPI schema (crds/kvswitch.io_vswitchconfigs.yaml), so an
+object that reaches the agent without passing the API server's validation is still refused here,
+reported in its status, and never applied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+GROUP = "kvswitch.io"
+VERSION = "v1alpha1"
+PLURAL = "vswitchconfigs"
+KIND = "VSwitchConfig"
+
+
+def _cidr(value: str) -> str:
+    net = ipaddress.ip_network(value, strict=True)  # host bits set → error, as the pattern cannot say
+    if net.version != 4:
+        raise ValueError("only IPv4 CIDRs are supported")
+    return value
+
+
+def _ipv4(value: str) -> str:
+    ipaddress.IPv4Address(value)
+    return value
+
+
+IPv4CIDR = Annotated[str, AfterValidator(_cidr)]
+IPv4Addr = Annotated[str, AfterValidator(_ipv4)]
+
+
+class OverlayType(StrEnum):
+    VXLAN = "vxlan"
+    GRE = "gre"
+    GENEVE = "geneve"
+
+
+# Bytes an overlay adds to every packet on the underlay (outer Ethernet excluded for MTU purposes).
+OVERLAY_OVERHEAD = {OverlayType.VXLAN: 50, OverlayType.GRE: 42, OverlayType.GENEVE: 50}
+
+
+class VSwitchConfigSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    cluster_cidr: IPv4CIDR = Field(alias="clusterCIDR")
+    pod_cidr: IPv4CIDR = Field(alias="podCIDR")
+    service_cidr: IPv4CIDR = Field(alias="serviceCIDR")
+    overlay_type: OverlayType = Field(alias="overlayType")
+    overlay_ip: IPv4Addr = Field(alias="overlayIP")
+    mtu: int | None = Field(default=None, ge=576, le=9216)
+
+    @model_validator(mode="after")
+    def _pod_cidr_inside_cluster(self) -> Self:
+        pod = ipaddress.IPv4Network(self.pod_cidr)
+        cluster = ipaddress.IPv4Network(self.cluster_cidr)
+        if not pod.subnet_of(cluster):
+            raise ValueError(f"podCIDR {pod} is not inside clusterCIDR {cluster}")
+        if pod.num_addresses < 4:
+            raise ValueError(f"podCIDR {pod} is too small for a gateway and pods")
+        return self
+
+    @property
+    def pod_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.pod_cidr)
+
+    @property
+    def gateway_ip(self) -> str:
+        """The pod CIDR's first address: the default route of every pod on the node."""
+        return str(self.pod_network.network_address + 1)
+
+    def pod_mtu(self, underlay_mtu: int = 1500) -> int:
+        return self.mtu if self.mtu is not None else underlay_mtu - OVERLAY_OVERHEAD[self.overlay_type]
+
+    def to_api(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def parse_spec(spec: Any) -> VSwitchConfigSpec:
+    """Validate a VSwitchConfig spec from the API; raises :class:`InvalidConfig` with a readable reason."""
+    try:
+        return VSwitchConfigSpec.model_validate(spec)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidConfig(reasons) from None
+
+
+class InvalidConfig(ValueError):
+    """A VSwitchConfig that must not be applied."""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+class ControllerSettings(BaseModel):
+    """From the chart's ConfigMap, through the environment (KVSWITCH_*)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cluster_cidr: IPv4CIDR = "10.244.0.0/16"
+    service_cidr: IPv4CIDR = "10.96.0.0/12"
+    overlay_type: OverlayType = OverlayType.VXLAN
+    mtu: int | None = Field(default=None, ge=576, le=9216)
+
+    @classmethod
+    def from_env(cls) -> ControllerSettings:
+        values: dict[str, Any] = {}
+        for field, var in [
+            ("cluster_cidr", "KVSWITCH_CLUSTER_CIDR"),
+            ("service_cidr", "KVSWITCH_SERVICE_CIDR"),
+            ("overlay_type", "KVSWITCH_OVERLAY_TYPE"),
+            ("mtu", "KVSWITCH_MTU"),
+        ]:
+            if (v := _env(var)) is not None:
+                values[field] = v
+        return cls.model_validate(values)
+
+
+class AgentSettings(BaseModel):
+    """Where this node's agent finds OVS and the host, from the environment (KVSWITCH_*)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_name: str = Field(min_length=1)
+    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
+    ovs_rundir: str | None = None  # where <bridge>.mgmt lives; None = OVS's default
+    bridge: str = "k-vswitch0"
+    datapath_type: str = "system"
+    host_netns: str | None = None  # None: the agent runs in the host's namespace (hostNetwork)
+    underlay_mtu: int = 1500
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dir: str = "/opt/cni/bin"
+    cni_socket: str = "/var/run/k-vswitch/cni.sock"
+    ipam_data_dir: str | None = None  # host-local's dataDir; None = host-local's default
+    install_cni: bool = True
+    resync_interval: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> AgentSettings:
+        values: dict[str, Any] = {"node_name": _env("NODE_NAME", "")}
+        for field in cls.model_fields:
+            if field == "node_name":
+                continue
+            if (v := _env("KVSWITCH_" + field.upper())) is not None:
+                values[field] = v
+        return cls.model_validate(values)

@@ -1,0 +1,217 @@
+"""Pure translation: node state → OpenFlow flow models. No I/O here, so it is testable without root.
+
+Table by table description: docs/pipeline.md. Every number and register comes from
+:mod:`kvswitch.ovs.pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvswitch.config import VSwitchConfigSpec
+from kvswitch.ovs.flows import Flow
+from kvswitch.ovs.pipeline import (
+    GATEWAY_MAC,
+    PRIO_CLUSTER,
+    PRIO_DEFAULT,
+    PRIO_GATEWAY,
+    PRIO_LOW,
+    PRIO_NO_HAIRPIN,
+    PRIO_POD,
+    PRIO_REMOTE,
+    REG_OUT_PORT,
+    REG_SOURCE,
+    TUNNEL_KEY,
+    Source,
+    Table,
+)
+
+
+@dataclass(frozen=True)
+class LocalPod:
+    """A pod attachment as the CNI recorded it on its OVS port."""
+
+    port: str
+    ofport: int
+    ip: str
+    mac: str
+    namespace: str = ""
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.port
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    name: str
+    pod_cidr: str
+    overlay_ip: str
+
+
+def arp_reply(ip: str, mac: str) -> str:
+    """Turn an ARP request into the reply for ``ip`` is-at ``mac`` and send it back where it came from."""
+    return (
+        "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],"
+        f"set_field:{mac}->eth_src,"
+        "set_field:2->arp_op,"
+        "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],"
+        f"set_field:{mac}->arp_sha,"
+        "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
+        f"set_field:{ip}->arp_spa,"
+        "IN_PORT"
+    )
+
+
+def _goto(table: Table) -> str:
+    return f"goto_table:{int(table)}"
+
+
+def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int) -> list[Flow]:
+    """The pipeline skeleton of this node: defaults, gateway, tunnel, ARP for the gateway."""
+    gw = gateway_ofport
+    src = REG_SOURCE
+    return [
+        # CLASSIFIER
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_GATEWAY,
+            match=f"arp,in_port={gw}",
+            actions=_goto(Table.ARP_RESPONDER),
+        ),
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_GATEWAY,
+            match=f"ip,in_port={gw}",
+            actions=f"set_field:{Source.GATEWAY:#x}->{src},{_goto(Table.L3_FORWARD)}",
+        ),
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_GATEWAY,
+            match=f"ip,in_port={tunnel_ofport}",
+            actions=f"set_field:{Source.TUNNEL:#x}->{src},{_goto(Table.L3_FORWARD)}",
+        ),
+        Flow(table=Table.CLASSIFIER, priority=PRIO_DEFAULT, actions="drop"),
+        # SPOOF_GUARD: only per-pod allows; the rest is dropped
+        Flow(table=Table.SPOOF_GUARD, priority=PRIO_DEFAULT, actions="drop"),
+        # ARP_RESPONDER
+        Flow(
+            table=Table.ARP_RESPONDER,
+            priority=PRIO_GATEWAY,
+            match=f"arp,arp_tpa={spec.gateway_ip},arp_op=1",
+            actions=arp_reply(spec.gateway_ip, GATEWAY_MAC),
+        ),
+        # the host resolves any cluster address to the router MAC; L3_FORWARD routes by IP
+        Flow(
+            table=Table.ARP_RESPONDER,
+            priority=PRIO_CLUSTER,
+            match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
+            actions=_arp_reply_any(GATEWAY_MAC),
+        ),
+        Flow(table=Table.ARP_RESPONDER, priority=PRIO_DEFAULT, actions="drop"),
+        # L3_FORWARD
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_GATEWAY,
+            match=f"ip,nw_dst={spec.gateway_ip}",
+            actions=_to_port(gw, GATEWAY_MAC),
+        ),
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_NO_HAIRPIN,
+            match=f"ip,{src}={Source.TUNNEL:#x}",
+            actions="drop",
+        ),  # from the tunnel, only local destinations
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_CLUSTER,
+            match=f"ip,nw_dst={spec.cluster_cidr}",
+            actions="drop",
+        ),  # a pod CIDR no node owns
+        Flow(
+            table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{src}={Source.GATEWAY:#x}", actions="drop"
+        ),  # the host sent something it should have routed itself: no loop
+        Flow(
+            table=Table.L3_FORWARD, priority=PRIO_DEFAULT, match="ip", actions=_to_port(gw, GATEWAY_MAC)
+        ),  # services and the outside: via the host (SNAT)
+        Flow(table=Table.L3_FORWARD, priority=PRIO_DEFAULT, actions="drop"),
+        # OUTPUT
+        Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=f"output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
+    ]
+
+
+def _arp_reply_any(mac: str) -> str:
+    """ARP reply for whatever address was asked (the requested tpa becomes the spa)."""
+    return (
+        "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],"
+        f"set_field:{mac}->eth_src,"
+        "set_field:2->arp_op,"
+        "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],"
+        f"set_field:{mac}->arp_sha,"
+        "move:NXM_OF_ARP_TPA[]->NXM_NX_REG2[],"
+        "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
+        "move:NXM_NX_REG2[]->NXM_OF_ARP_SPA[],"
+        "IN_PORT"
+    )
+
+
+def _to_port(ofport: int, dst_mac: str, src_mac: str | None = None) -> str:
+    rewrite = f"set_field:{src_mac}->eth_src," if src_mac else ""
+    return (
+        f"{rewrite}set_field:{dst_mac}->eth_dst,set_field:{ofport:#x}->{REG_OUT_PORT},{_goto(Table.OUTPUT)}"
+    )
+
+
+def pod_flows(pod: LocalPod) -> list[Flow]:
+    """Classifier, spoof guard, ARP answer and delivery for one local pod."""
+    p = pod.ofport
+    return [
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_POD,
+            match=f"in_port={p}",
+            actions=f"set_field:{Source.POD:#x}->{REG_SOURCE},{_goto(Table.SPOOF_GUARD)}",
+        ),
+        Flow(
+            table=Table.SPOOF_GUARD,
+            priority=PRIO_POD,
+            match=f"ip,in_port={p},dl_src={pod.mac},nw_src={pod.ip}",
+            actions=_goto(Table.L3_FORWARD),
+        ),
+        Flow(
+            table=Table.SPOOF_GUARD,
+            priority=PRIO_POD,
+            match=f"arp,in_port={p},dl_src={pod.mac},arp_spa={pod.ip},arp_op=1,arp_sha={pod.mac}",
+            actions=_goto(Table.ARP_RESPONDER),
+        ),
+        Flow(
+            table=Table.ARP_RESPONDER,
+            priority=PRIO_POD,
+            match=f"arp,arp_tpa={pod.ip},arp_op=1",
+            actions=arp_reply(pod.ip, pod.mac),
+        ),
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_POD,
+            match=f"ip,nw_dst={pod.ip}",
+            actions=_to_port(p, pod.mac, GATEWAY_MAC),
+        ),
+    ]
+
+
+def remote_node_flows(node: RemoteNode, tunnel_ofport: int) -> list[Flow]:
+    """Everything for another node's pod CIDR goes into the tunnel towards its overlay IP."""
+    return [
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_REMOTE,
+            match=f"ip,nw_dst={node.pod_cidr}",
+            actions=(
+                f"set_field:{GATEWAY_MAC}->eth_src,"
+                f"set_field:{node.overlay_ip}->tun_dst,"
+                f"set_field:{TUNNEL_KEY:#x}->tun_id,"
+                f"output:{tunnel_ofport}"
+            ),
+        )
+    ]

@@ -1,0 +1,241 @@
+"""The node agent's core, independent of kopf: VSwitchConfigs and OVS ports in, datapath out.
+
+Handlers (kvswitch/handlers/agent.py) only translate API events into calls here. All flows come
+from the pure functions of :mod:`kvswitch.datapath` and reach OVS through the reconciler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvswitch.config import AgentSettings, VSwitchConfigSpec
+from kvswitch.datapath import LocalPod, RemoteNode, node_flows, pod_flows, remote_node_flows
+from kvswitch.node.host import HostNetwork
+from kvswitch.ovs.openflow import FlowReconciler, Ofctl
+from kvswitch.ovs.ovsdb import AsyncOvsdb, Ovsdb, PortInfo
+from kvswitch.ovs.pipeline import (
+    EXT_ROLE,
+    GATEWAY_MAC,
+    GATEWAY_OFPORT,
+    GATEWAY_PORT,
+    NODE_OWNER,
+    TUNNEL_OFPORT,
+    TUNNEL_PORT,
+    Category,
+    Owner,
+)
+
+log = logging.getLogger(__name__)
+
+# external_ids the CNI plugin writes on a pod's OVS port (see kvswitch/cni).
+POD_EXTERNAL_IDS = {
+    "ip": "k-vswitch/ip",
+    "mac": "k-vswitch/mac",
+    "namespace": "k8s/pod-namespace",
+    "name": "k8s/pod-name",
+    "uid": "k8s/pod-uid",
+}
+
+
+def pod_from_port(info: PortInfo) -> LocalPod | None:
+    """A pod attachment, if this port is one the CNI made and vswitchd has numbered."""
+    ids = {**info.iface_external_ids, **info.external_ids}
+    ip, mac = ids.get(POD_EXTERNAL_IDS["ip"]), ids.get(POD_EXTERNAL_IDS["mac"])
+    if not ip or not mac or info.ofport is None:
+        return None
+    return LocalPod(
+        port=info.name,
+        ofport=info.ofport,
+        ip=str(ipaddress.IPv4Interface(ip).ip),
+        mac=mac.lower(),
+        namespace=ids.get(POD_EXTERNAL_IDS["namespace"], ""),
+        name=ids.get(POD_EXTERNAL_IDS["name"], ""),
+    )
+
+
+@dataclass
+class AgentState:
+    local: VSwitchConfigSpec | None = None
+    remotes: dict[str, RemoteNode] = field(default_factory=dict)
+    pods: dict[str, LocalPod] = field(default_factory=dict)  # by port name
+    deleted_pods: set[tuple[str, str]] = field(default_factory=set)  # (namespace, name)
+
+
+class NodeAgent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.state = AgentState()
+        self.host = HostNetwork(settings.host_netns)
+        self.ofctl = Ofctl(settings.bridge, settings.ovs_rundir)
+        self.reconciler = FlowReconciler(self.ofctl)
+        self.ovsdb: AsyncOvsdb | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+        self.on_ports_changed: Callable[[], None] | None = None
+
+    @property
+    def db(self) -> AsyncOvsdb:
+        if self.ovsdb is None:
+            raise RuntimeError("agent not started")
+        return self.ovsdb
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bridge first, then a new flow round; flows of the previous round stay until finish_startup."""
+        s = self.settings
+        self.ovsdb = await AsyncOvsdb.connect(s.ovsdb)
+        await self.db.call(self.db.db.ensure_bridge, s.bridge, datapath_type=s.datapath_type)
+        await asyncio.to_thread(_wait_for_mgmt, self.ofctl)
+        await self.reconciler.start(self.db, s.bridge)
+
+    async def finish_startup(self) -> None:
+        await self.sync_ports()
+        report = await self.reconciler.finish_startup(self.db)
+        log.info("startup complete: round %d, %s", self.reconciler.round, report)
+        self._tasks.append(
+            asyncio.create_task(self.reconciler.watch(resync_interval=self.settings.resync_interval))
+        )
+        self._tasks.append(asyncio.create_task(self._watch_ports()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self.ovsdb is not None:
+            await self.ovsdb.close()
+            self.ovsdb = None
+
+    # --- this node ------------------------------------------------------------------------
+
+    def pod_mtu(self, spec: VSwitchConfigSpec) -> int:
+        underlay = self.host.interface_mtu_for(spec.overlay_ip) or self.settings.underlay_mtu
+        return spec.pod_mtu(underlay)
+
+    async def apply_local(self, spec: VSwitchConfigSpec) -> None:
+        """Converge bridge ports, host networking and flows to this node's VSwitchConfig."""
+        async with self._lock:
+            s, db = self.settings, self.db
+            previous = self.state.local
+            await db.call(
+                db.db.ensure_port,
+                s.bridge,
+                TUNNEL_PORT,
+                spec.overlay_type.value,
+                options={"remote_ip": "flow", "key": "flow"},
+                external_ids={EXT_ROLE: "tunnel"},
+                ofport_request=TUNNEL_OFPORT,
+            )
+            await db.call(
+                db.db.ensure_port,
+                s.bridge,
+                GATEWAY_PORT,
+                "internal",
+                external_ids={EXT_ROLE: "gateway"},
+                ofport_request=GATEWAY_OFPORT,
+            )
+            await db.call(db.db.wait_ofport, GATEWAY_PORT)
+            await db.call(db.db.wait_ofport, TUNNEL_PORT)
+            mtu = self.pod_mtu(spec)
+            prefix = spec.pod_network.prefixlen
+            await asyncio.to_thread(self._host_setup, spec, f"{spec.gateway_ip}/{prefix}", mtu, previous)
+            await self.reconciler.set_flows(NODE_OWNER, node_flows(spec, GATEWAY_OFPORT, TUNNEL_OFPORT))
+            self.state.local = spec
+
+    def _host_setup(
+        self, spec: VSwitchConfigSpec, gw_cidr: str, mtu: int, previous: VSwitchConfigSpec | None
+    ) -> None:
+        self.host.ensure_gateway(GATEWAY_PORT, gw_cidr, GATEWAY_MAC, mtu)
+        if previous is not None and previous.cluster_cidr != spec.cluster_cidr:
+            self.host.remove_route(previous.cluster_cidr)
+        self.host.ensure_route(spec.cluster_cidr, GATEWAY_PORT, mtu)
+        self.host.ensure_forwarding()
+        self.host.ensure_snat(spec.cluster_cidr)
+
+    # --- other nodes ----------------------------------------------------------------------
+
+    async def set_remote(self, name: str, spec: VSwitchConfigSpec | None) -> None:
+        owner = Owner(Category.REMOTE_NODE, name)
+        if spec is None or name == self.settings.node_name:
+            self.state.remotes.pop(name, None)
+            await self.reconciler.delete_owner(owner)
+            return
+        node = RemoteNode(name, spec.pod_cidr, spec.overlay_ip)
+        await self.reconciler.set_flows(owner, remote_node_flows(node, TUNNEL_OFPORT))
+        self.state.remotes[name] = node
+
+    # --- pods -----------------------------------------------------------------------------
+
+    async def sync_ports(self) -> None:
+        """Pod flows for exactly the CNI-made ports that exist (and whose pod was not deleted)."""
+        ports = await self.db.call(_snapshot_ports, self.db.db, self.settings.bridge)
+        wanted = {
+            p.port: p
+            for p in filter(None, map(pod_from_port, ports))
+            if (p.namespace, p.name) not in self.state.deleted_pods
+        }
+        present = {(p.namespace, p.name) for p in wanted.values()}
+        all_pods = {(p.namespace, p.name) for p in filter(None, map(pod_from_port, ports))}
+        self.state.deleted_pods &= all_pods  # forget deletions whose port is gone too
+        changes: dict[Owner, list[LocalPod]] = {}
+        for port, pod in wanted.items():
+            if self.state.pods.get(port) != pod:
+                changes[Owner(Category.POD, port)] = [pod]
+        for port in self.state.pods.keys() - wanted.keys():
+            changes[Owner(Category.POD, port)] = []
+        if changes:
+            await self.reconciler.set_many(
+                {owner: [f for pod in pods for f in pod_flows(pod)] for owner, pods in changes.items()}
+            )
+            self.state.pods = wanted
+            log.info("pods on this node: %d (%d changed)", len(present), len(changes))
+        if self.on_ports_changed is not None:
+            self.on_ports_changed()
+
+    async def pod_deleted(self, namespace: str, name: str) -> None:
+        self.state.deleted_pods.add((namespace, name))
+        await self.sync_ports()
+
+    async def pod_present(self, namespace: str, name: str) -> None:
+        if (namespace, name) in self.state.deleted_pods:
+            self.state.deleted_pods.discard((namespace, name))
+            await self.sync_ports()
+
+    async def _watch_ports(self) -> None:
+        """A second ovsdb connection blocks on changes, so ports are seen within milliseconds."""
+        watcher = await AsyncOvsdb.connect(self.settings.ovsdb)
+        try:
+            seqno = -1
+            while True:
+                new = await watcher.call(watcher.db.wait_change, seqno, 1.0)
+                if new != seqno:
+                    seqno = new
+                    try:
+                        await self.sync_ports()
+                    except Exception:  # keep watching; the periodic resync repairs
+                        log.exception("syncing pod ports failed")
+        finally:
+            await watcher.close()
+
+
+def _snapshot_ports(db: Ovsdb, bridge: str) -> list[PortInfo]:
+    db.refresh()
+    return db.find_ports(bridge)
+
+
+def _wait_for_mgmt(ofctl: Ofctl, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not asyncio.run(ofctl.reachable()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bridge {ofctl.target} has no OpenFlow management socket")
+        time.sleep(0.05)
