@@ -144,7 +144,7 @@ class NodeAgent:
             )
             await db.call(db.db.wait_ofport, GATEWAY_PORT)
             await db.call(db.db.wait_ofport, TUNNEL_PORT)
-            mtu = self.pod_mtu(spec)
+            mtu = await asyncio.to_thread(self.pod_mtu, spec)
             prefix = spec.pod_network.prefixlen
             await asyncio.to_thread(self._host_setup, spec, f"{spec.gateway_ip}/{prefix}", mtu, previous)
             await self.reconciler.set_flows(NODE_OWNER, node_flows(spec, GATEWAY_OFPORT, TUNNEL_OFPORT))
