@@ -1,0 +1,83 @@
+"""``k-vswitch-cni``: the executable a container runtime runs for every pod (CNI 1.1.0).
+
+It stays thin so that a pod start does not pay for Python libraries: it reads the call, forwards
+it to the CNI server the node agent hosts on a unix socket (libraries loaded, ovsdb connection
+open) and prints the reply. Only when no server answers does it load the implementation and run
+the call itself, so pods can still be wired while the agent restarts. Imports here must stay
+standard library (a test checks ``-X importtime``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from kvswitch.cni import client, spec
+
+
+def server_socket(stdin: bytes) -> str:
+    """The socket named by the netconf's ``serverSocket`` ("" disables the server)."""
+    try:
+        conf = spec.loads(stdin.decode())
+    except (ValueError, UnicodeDecodeError):
+        return spec.DEFAULT_SERVER_SOCKET
+    path = conf.get("serverSocket") if isinstance(conf, dict) else None
+    return path if isinstance(path, str) else spec.DEFAULT_SERVER_SOCKET
+
+
+def run_in_process(env: dict[str, str], stdin: bytes) -> client.Reply:
+    """Load the full implementation (site-packages too, when started with -S) and run the call."""
+    try:
+        if sys.flags.no_site:
+            import site
+
+            site.main()
+        from kvswitch.cni.plugin import run_once
+
+        return run_once(env, stdin)
+    except Exception as exc:  # the runtime must get a CNI error, never a traceback alone
+        err = spec.CniError(spec.Code.INTERNAL, "k-vswitch-cni failed to run in-process", repr(exc))
+        return client.Reply(1, err.to_json().encode() + b"\n")
+
+
+def handle(env: dict[str, str], stdin: bytes) -> client.Reply:
+    if env.get("CNI_COMMAND") == "VERSION":
+        try:
+            return client.Reply(0, spec.version_reply(stdin).encode() + b"\n")
+        except spec.CniError as err:
+            return client.Reply(1, err.to_json().encode() + b"\n")
+    path = server_socket(stdin)
+    if path:
+        try:
+            return client.call(path, env, stdin)
+        except client.ServerUnavailable:
+            pass
+        except client.ServerLost as exc:
+            lost = spec.CniError(
+                spec.Code.TRY_AGAIN_LATER, "lost the connection to the k-vswitch CNI server", str(exc)
+            )
+            return client.Reply(1, lost.to_json().encode() + b"\n")
+    return run_in_process(env, stdin)
+
+
+def main() -> int:
+    env = spec.cni_env(os.environ)
+    try:
+        stdin = sys.stdin.buffer.read()
+    except (OSError, AttributeError, ValueError) as exc:
+        err = spec.CniError(
+            spec.Code.IO_FAILURE, "cannot read the network configuration from stdin", str(exc)
+        )
+        reply = client.Reply(1, err.to_json().encode() + b"\n")
+    else:
+        reply = handle(env, stdin)
+    sys.stdout.buffer.write(reply.stdout)
+    sys.stdout.flush()
+    if reply.stderr:
+        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.flush()
+    return reply.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
