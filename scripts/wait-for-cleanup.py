@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -59,7 +60,8 @@ class Api:
         url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         with open(self.token_file) as f:  # re-read: bound tokens rotate
             token = f.read().strip()
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        req = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(req, timeout=10, context=self.context) as rsp:
             body: dict[str, Any] = json.load(rsp)
             return body
@@ -69,7 +71,7 @@ def main() -> int:
     name = os.environ["DAEMONSET"]
     timeout = float(os.environ.get("TIMEOUT_SECONDS", "240"))
     interval = float(os.environ.get("POLL_SECONDS", "2"))
-    namespace = os.environ.get("NAMESPACE") or open(f"{SA_DIR}/namespace").read().strip()
+    namespace = os.environ.get("NAMESPACE") or Path(f"{SA_DIR}/namespace").read_text().strip()
     api = Api()
     ds_path = f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"
     deadline = time.monotonic() + timeout
@@ -81,8 +83,8 @@ def main() -> int:
             ds, note = {}, f"cannot read daemonset {name}: {exc}"
         else:
             if cleanup_done(ds):
-                status = ds.get("status") or {}
-                print(f"k-vswitch removed from all {status.get('desiredNumberScheduled', 0)} nodes", flush=True)
+                nodes = (ds.get("status") or {}).get("desiredNumberScheduled", 0)
+                print(f"k-vswitch removed from all {nodes} nodes", flush=True)
                 return 0
             status = ds.get("status") or {}
             note = f"{status.get('numberReady', 0)}/{status.get('desiredNumberScheduled', '?')} nodes clean"
@@ -93,8 +95,10 @@ def main() -> int:
             break
         time.sleep(interval)
 
-    selector = ",".join(f"{k}={v}" for k, v in sorted(
-        ((ds.get("spec") or {}).get("selector") or {}).get("matchLabels", {}).items()))
+    selector = ",".join(
+        f"{k}={v}"
+        for k, v in sorted(((ds.get("spec") or {}).get("selector") or {}).get("matchLabels", {}).items())
+    )
     nodes = "unknown"
     if selector:  # never list the whole namespace
         try:
