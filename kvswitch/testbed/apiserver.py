@@ -40,17 +40,15 @@ import concurrent.futures
 import copy
 import dataclasses
 import datetime
-import itertools
 import json
 import logging
 import os
 import random
 import re
 import socket
-import string
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Self, TypeVar
@@ -172,6 +170,7 @@ class ApiPath:
     @classmethod
     def parse(cls, path: str) -> ApiPath:
         parts = [p for p in path.split("/") if p]
+        version: str | None
         if len(parts) >= 2 and parts[0] == "api":
             group, version, rest = "", parts[1], parts[2:]
         elif len(parts) >= 2 and parts[0] == "apis":
@@ -237,8 +236,8 @@ class _Change:
 class _Filter:
     namespace: str | None = None
     name: str | None = None
-    labels: LabelSelector = LabelSelector()
-    fields: FieldSelector = FieldSelector()
+    labels: LabelSelector = dataclasses.field(default_factory=LabelSelector)
+    fields: FieldSelector = dataclasses.field(default_factory=FieldSelector)
 
     def __call__(self, obj: Mapping[str, Any] | None) -> bool:
         if obj is None:
@@ -329,9 +328,11 @@ class Emulator(kmock.KubernetesEmulator):
         self.fallback[self._is_api_request] << self._emulate_marker
         for path in ("/healthz", "/livez", "/readyz"):
             self.fallback[f"get {path}"] << b"ok"
+        self.fallback["get /openapi/v3"] << self._serve_openapi_root
+        self.fallback["get", re.compile(r"/openapi/v3/apis?/.+")] << self._serve_openapi_group_version
         self.resources.load_bundled()
         for ns in SYSTEM_NAMESPACES:
-            self.create(self.spec("v1/namespaces"), {"metadata": {"name": ns}})
+            self.create_object(self.spec("v1/namespaces"), {"metadata": {"name": ns}})
         if self.kopf_peering:
             for crd in KOPF_PEERING_CRDS:
                 self.register_crd(crd)
@@ -381,7 +382,11 @@ class Emulator(kmock.KubernetesEmulator):
                 "PUT": kmock.action.UPDATE,
                 "DELETE": kmock.action.DELETE,
             }.get(method)
-        resource = None if path.group is None else kmock.resource(group=path.group, version=path.version, plural=path.plural)
+        resource = (
+            None
+            if path.group is None
+            else kmock.resource(group=path.group, version=path.version, plural=path.plural)
+        )
         return kmock.Request(
             id=len(self._requests),
             raw_request=raw_request,
@@ -462,25 +467,26 @@ class Emulator(kmock.KubernetesEmulator):
         if method == "GET" and _is_watch(params):
             return await self._serve_watch_stream(request, spec, self._filter(spec, ns, name, params))
         if method == "GET" and name is not None:
-            result = self.read(spec, ns, name)
+            result = self.read_object(spec, ns, name)
         elif method == "GET":
             result = self.list_objects(spec, ns, params)
         elif method == "POST" and name is not None and sub == "binding" and spec.ref == "v1/pods":
             result, status = self._bind(spec, ns, name, self._body(request)), 201
         elif method == "POST" and name is None:
-            result = self.create(
-                spec, self._body(request), ns, dry_run=dry_run, field_validation=params.get("fieldValidation"),
-                warnings=warnings,
-            )  # fmt: skip
+            validation = params.get("fieldValidation")
+            body = self._body(request)
+            result = self.create_object(
+                spec, body, ns, dry_run=dry_run, field_validation=validation, warnings=warnings
+            )
             status = 201
         elif method == "PUT" and name is not None:
-            result = self.replace(
+            result = self.replace_object(
                 spec, ns, name, self._body(request), subresource=sub, dry_run=dry_run,
                 field_validation=params.get("fieldValidation"), warnings=warnings,
             )  # fmt: skip
         elif method == "PATCH" and name is not None:
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
-            result = self.patch(
+            result = self.patch_object(
                 spec, ns, name, request.body, content_type, subresource=sub, dry_run=dry_run,
                 field_validation=params.get("fieldValidation"), warnings=warnings,
             )  # fmt: skip
@@ -488,12 +494,12 @@ class Emulator(kmock.KubernetesEmulator):
                 status = 201
         elif method == "DELETE" and name is not None:
             options = self._body(request, default={})
-            result = self.delete(spec, ns, name, options=options, dry_run=dry_run)
+            result = self.delete_object(spec, ns, name, options=options, dry_run=dry_run)
         elif method == "DELETE":
             result = self.delete_collection(spec, ns, params, dry_run=dry_run)
         else:
             raise _error(
-                405, "MethodNotAllowed", f"the server does not allow this method on the requested resource"
+                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
             )
         headers = {"Warning": ", ".join(f'299 - "{w}"' for w in warnings)} if warnings else None
         return aiohttp.web.json_response(result, status=status, headers=headers)
@@ -590,10 +596,50 @@ class Emulator(kmock.KubernetesEmulator):
             "resources": entries,
         }
 
+    def _gv_path(self, group: str, version: str) -> str:
+        return f"apis/{group}/{version}" if group else f"api/{version}"
+
+    async def _serve_openapi_root(self) -> kmock.Payload:
+        """Just enough OpenAPI v3 for kubectl to see server-side field validation and skip its own."""
+        gvs = sorted(
+            {(r.group or "", r.version or "") for r in self._get_resources() if r.plural and r.version}
+        )
+        digest = f"{len(self._specs)}-{len(gvs)}"
+        return {
+            "paths": {
+                self._gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{self._gv_path(g, v)}?hash={digest}"}
+                for g, v in gvs
+            }
+        }
+
+    async def _serve_openapi_group_version(self, request: kmock.Request) -> kmock.Payload:
+        path = ApiPath.parse(request.url.path.removeprefix("/openapi/v3"))
+        paths: JSON = {}
+        for res in self._get_resources():
+            if res.group != path.group or res.version != path.version or not res.plural:
+                continue
+            spec = self._spec_for(res)
+            scope = "/namespaces/{namespace}" if spec.namespaced else ""
+            patch = {
+                "x-kubernetes-group-version-kind": {
+                    "group": spec.group,
+                    "version": res.version,
+                    "kind": spec.kind,
+                },
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "OK"}},
+            }
+            paths[f"/{self._gv_path(spec.group, res.version or '')}{scope}/{spec.plural}/{{name}}"] = {
+                "patch": patch
+            }
+        if not paths:
+            raise _error(404, "NotFound", "the server could not find the requested resource")
+        return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.26.4"}, "paths": paths}
+
     # ---------------------------------------------------------------- resources
 
     def spec(self, resource: ResourceLike) -> ResourceSpec:
-        """Resolve ``v1/pods``, ``pods``, ``Pod``, ``vsc``, ``vswitchconfigs.kvswitch.io``... to a served resource."""
+        """Resolve ``v1/pods``, ``pods``, ``Pod``, ``vsc``, ``vswitchconfigs.kvswitch.io``..."""
         wanted = resource if isinstance(resource, kmock.resource) else kmock.resource(resource)
         name = (wanted.plural or "").lower()
         candidates = []
@@ -636,12 +682,8 @@ class Emulator(kmock.KubernetesEmulator):
         return spec
 
     def register_crd(self, crd: Mapping[str, Any] | str | os.PathLike[str]) -> list[ResourceSpec]:
-        """Create (or update) CRDs from a dict or a YAML file, as ``kubectl apply -f`` would; serve them at once."""
-        docs: Iterable[Any]
-        if isinstance(crd, Mapping):
-            docs = [crd]
-        else:
-            docs = list(yaml.safe_load_all(Path(crd).read_text()))
+        """Create (or update) CRDs from a dict or a YAML file, like ``kubectl apply -f``; served at once."""
+        docs = [crd] if isinstance(crd, Mapping) else list(yaml.safe_load_all(Path(crd).read_text()))
         specs: list[ResourceSpec] = []
         crd_spec = self._spec_for(CRD_RESOURCE)
         for doc in docs:
@@ -651,9 +693,9 @@ class Emulator(kmock.KubernetesEmulator):
             name = (body.get("metadata") or {}).get("name", "")
             if (None, name) in self._live[CRD_RESOURCE]:
                 body.setdefault("metadata", {}).pop("resourceVersion", None)
-                stored = self.replace(crd_spec, None, name, body)
+                stored = self.replace_object(crd_spec, None, name, body)
             else:
-                stored = self.create(crd_spec, body)
+                stored = self.create_object(crd_spec, body)
             specs.extend(s for s in self._specs.values() if s.crd_name == stored["metadata"]["name"])
         return specs
 
@@ -713,7 +755,7 @@ class Emulator(kmock.KubernetesEmulator):
         if not spec.get("versions"):
             problems.append("spec.versions: Required value")
         if not problems and crd["metadata"].get("name") != f"{names['plural']}.{spec['group']}":
-            problems.append(f'metadata.name: Invalid value: must be spec.names.plural+"."+spec.group')
+            problems.append('metadata.name: Invalid value: must be spec.names.plural+"."+spec.group')
         if problems:
             name = crd["metadata"].get("name", "")
             message = (
@@ -802,7 +844,7 @@ class Emulator(kmock.KubernetesEmulator):
             )
         return obj
 
-    def read(self, spec: ResourceSpec, ns: str | None, name: str) -> JSON:
+    def read_object(self, spec: ResourceSpec, ns: str | None, name: str) -> JSON:
         return self._get(spec, ns, name)
 
     def _filter(
@@ -855,7 +897,7 @@ class Emulator(kmock.KubernetesEmulator):
         elif (key in _DNS_SUBDOMAIN_NAMES or spec.crd_name) and not (
             len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name)
         ):
-            problem = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"
+            problem = "a lowercase RFC 1123 subdomain must consist of lower case alphanumerics, '-' or '.'"
         elif name in (".", "..") or "/" in name or "%" in name:
             problem = "may not be '.' or '..' and may not contain '/' or '%'"
         else:
@@ -886,7 +928,7 @@ class Emulator(kmock.KubernetesEmulator):
                 raise _error(
                     400,
                     "BadRequest",
-                    f"the {field} in the data ({obj[field]}) does not match the expected {field} ({expected})",
+                    f"the {field} in the data ({obj[field]}) does not match the expected one ({expected})",
                 )
             obj[field] = expected
 
@@ -908,7 +950,8 @@ class Emulator(kmock.KubernetesEmulator):
             raise _error(
                 400,
                 "BadRequest",
-                f'{spec.kind} in version "{spec.ref.version}" cannot be handled as a {spec.kind}: strict decoding error: {fields}',
+                f'{spec.kind} in version "{spec.ref.version}" cannot be handled as a {spec.kind}: '
+                f"strict decoding error: {fields}",
             )
         if unknown and mode == "warn" and warnings is not None:
             warnings.extend(f'unknown field \\"{f}\\"' for f in unknown)
@@ -925,7 +968,7 @@ class Emulator(kmock.KubernetesEmulator):
             }
             raise kmock.KubernetesError(status=422, reason="Invalid", message=message, details=details)
 
-    def create(
+    def create_object(
         self,
         spec: ResourceSpec,
         body: Mapping[str, Any],
@@ -1004,7 +1047,7 @@ class Emulator(kmock.KubernetesEmulator):
         self._after_create(spec, result)
         return result
 
-    def replace(
+    def replace_object(
         self,
         spec: ResourceSpec,
         namespace: str | None,
@@ -1024,7 +1067,7 @@ class Emulator(kmock.KubernetesEmulator):
             spec, old, copy.deepcopy(dict(body)), subresource, dry_run, field_validation, warnings
         )
 
-    def patch(
+    def patch_object(
         self,
         spec: ResourceSpec,
         namespace: str | None,
@@ -1048,7 +1091,7 @@ class Emulator(kmock.KubernetesEmulator):
             key = (namespace if spec.namespaced else None, name)
             if key not in self._live[spec.ref]:  # server-side apply creates
                 document.setdefault("metadata", {})["name"] = name
-                created = self.create(
+                created = self.create_object(
                     spec,
                     document,
                     namespace,
@@ -1074,8 +1117,8 @@ class Emulator(kmock.KubernetesEmulator):
                 raise _error(
                     415,
                     "UnsupportedMediaType",
-                    f"the body of the request was in an unknown format - accepted media types include: "
-                    f"application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+                    "the body of the request was in an unknown format - accepted media types include: "
+                    "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
                     + ("" if spec.crd_name else ", application/strategic-merge-patch+json"),
                 )
         old = self._get(spec, namespace, name)
@@ -1157,7 +1200,10 @@ class Emulator(kmock.KubernetesEmulator):
             if old_meta.get("deletionTimestamp"):
                 added = set(meta.get("finalizers") or []) - set(old_meta.get("finalizers") or [])
                 if added:
-                    problem = f"Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {sorted(added)}"
+                    problem = (
+                        "Forbidden: no new finalizers can be added if the object is being deleted, "
+                        f"found new finalizers {sorted(added)}"
+                    )
                     self._invalid(spec, name, [("metadata.finalizers", problem)], "FieldValueForbidden")
             if spec.ref == CRD_RESOURCE:
                 self._check_crd(new)
@@ -1191,7 +1237,7 @@ class Emulator(kmock.KubernetesEmulator):
         )
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
-    def delete(
+    def delete_object(
         self,
         spec: ResourceSpec,
         namespace: str | None,
@@ -1210,7 +1256,8 @@ class Emulator(kmock.KubernetesEmulator):
                 raise _error(
                     409,
                     "Conflict",
-                    f"Precondition failed: {label} in precondition: {pre[field]}, {label} in object meta: {meta.get(field)}",
+                    f"Precondition failed: {label} in precondition: {pre[field]}, "
+                    f"{label} in object meta: {meta.get(field)}",
                 )
         if dry_run or meta.get("deletionTimestamp"):
             return old
@@ -1248,7 +1295,7 @@ class Emulator(kmock.KubernetesEmulator):
         for obj in listed["items"]:
             meta = obj["metadata"]
             if (meta.get("namespace"), meta["name"]) in self._live[spec.ref]:
-                self.delete(spec, meta.get("namespace"), meta["name"], dry_run=dry_run)
+                self.delete_object(spec, meta.get("namespace"), meta["name"], dry_run=dry_run)
         return listed
 
     def _commit(self, spec: ResourceSpec, key: Key, kind: str, obj: JSON | None) -> JSON:
@@ -1352,7 +1399,7 @@ class Emulator(kmock.KubernetesEmulator):
         obj = self._live[spec.ref][where[1]]
         owners = obj["metadata"].get("ownerReferences") or []
         if owners and not any(o.get("uid") in self._uids for o in owners):
-            self.delete(spec, where[1][0], where[1][1])
+            self.delete_object(spec, where[1][0], where[1][1])
 
     def _orphan_dependents(self, uid: str) -> None:
         for dependent in sorted(self._dependents.get(uid, set())):
@@ -1370,7 +1417,7 @@ class Emulator(kmock.KubernetesEmulator):
     def _drain_namespace(self, namespace: str) -> None:
         for spec, key, obj in self._all_live():
             if spec.namespaced and key[0] == namespace and not obj["metadata"].get("deletionTimestamp"):
-                self.delete(spec, key[0], key[1])
+                self.delete_object(spec, key[0], key[1])
 
     def _finalize_namespace(self, namespace: str) -> None:
         """The namespace controller's last step: an emptied terminating namespace goes away."""
@@ -1389,10 +1436,17 @@ class Emulator(kmock.KubernetesEmulator):
 
     # ---------------------------------------------------------------- watch
 
+    def _bookmark(self, spec: ResourceSpec) -> JSON:
+        return {
+            "kind": spec.kind,
+            "apiVersion": spec.api_version,
+            "metadata": {"resourceVersion": str(self._rv)},
+        }
+
     def _backlog(
         self, spec: ResourceSpec, flt: _Filter, params: Mapping[str, str]
     ) -> tuple[list[tuple[str, JSON]], JSON | None]:
-        """Events owed to a new watch before live ones: the initial state, or the log after its resourceVersion."""
+        """Events a new watch gets before live ones: the initial state, or the log since its version."""
         since = params.get("resourceVersion") or ""
         initial = params.get("sendInitialEvents", "").lower() == "true"
         if since in ("", "0") or initial:
@@ -1400,8 +1454,8 @@ class Emulator(kmock.KubernetesEmulator):
                 return [], None
             events = [("ADDED", obj) for _, obj in self._matching(spec, flt)]
             if initial:
-                marker = {"kind": spec.kind, "apiVersion": spec.api_version, "metadata": {
-                    "resourceVersion": str(self._rv), "annotations": {"k8s.io/initial-events-end": "true"}}}  # fmt: skip
+                marker = self._bookmark(spec)
+                marker["metadata"]["annotations"] = {"k8s.io/initial-events-end": "true"}
                 events.append(("BOOKMARK", marker))
             return events, None
         try:
@@ -1460,12 +1514,7 @@ class Emulator(kmock.KubernetesEmulator):
                     change = await asyncio.wait_for(watcher.queue.get(), wait)
                 except TimeoutError:
                     if bookmarks and (deadline is None or loop.time() < deadline):
-                        marker = {
-                            "kind": spec.kind,
-                            "apiVersion": spec.api_version,
-                            "metadata": {"resourceVersion": str(self._rv)},
-                        }
-                        await response.write(line("BOOKMARK", marker))
+                        await response.write(line("BOOKMARK", self._bookmark(spec)))
                     continue
                 if change is None:
                     break
@@ -1590,7 +1639,7 @@ class ApiServer:
         return self.emulator.declare_resource(group, version, plural, **kwargs)
 
     def create(self, resource: ResourceLike, body: Mapping[str, Any], namespace: str | None = None) -> JSON:
-        return self.emulator.create(self.emulator.spec(resource), body, namespace)
+        return self.emulator.create_object(self.emulator.spec(resource), body, namespace)
 
     def get(self, resource: ResourceLike, name: str, namespace: str | None = None) -> JSON | None:
         spec = self.emulator.spec(resource)
@@ -1628,7 +1677,9 @@ class ApiServer:
             "apply": "application/apply-patch+yaml",
         }[patch_type]
         spec = self.emulator.spec(resource)
-        result = self.emulator.patch(spec, namespace, name, patch, content_type, subresource=subresource)
+        result = self.emulator.patch_object(
+            spec, namespace, name, patch, content_type, subresource=subresource
+        )
         result.pop("__created__", None)
         return result
 
@@ -1641,7 +1692,7 @@ class ApiServer:
         *,
         subresource: str | None = None,
     ) -> JSON:
-        return self.emulator.replace(
+        return self.emulator.replace_object(
             self.emulator.spec(resource), namespace, name, body, subresource=subresource
         )
 
@@ -1657,7 +1708,7 @@ class ApiServer:
         spec = self.emulator.spec(resource)
         if self.get(spec.ref, name, namespace) is None:
             return None
-        return self.emulator.delete(spec, namespace, name, options={"propagationPolicy": propagation})
+        return self.emulator.delete_object(spec, namespace, name, options={"propagationPolicy": propagation})
 
 
 class ApiServerThread:
@@ -1805,7 +1856,7 @@ class ApiServerThread:
 def write_kubeconfig(
     path: str | os.PathLike[str], url: str, *, namespace: str = "default", token: str = "kvswitch-testbed"
 ) -> Path:
-    """A kubeconfig for kopf, kubernetes-asyncio and kubectl: plain http, a dummy token (nothing checks it)."""
+    """A kubeconfig that kopf, kubernetes-asyncio and kubectl accept: plain http, a dummy token."""
     name = "kvswitch-testbed"
     config = {
         "apiVersion": "v1",

@@ -155,7 +155,7 @@ def _required(
                 yield ValidationError(f"{prop!r} is a required property", path=[prop])
 
 
-_Validator = jsonschema.validators.extend(
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft4Validator, {"type": _type, "pattern": _pattern, "required": _required}
 )
 
@@ -189,6 +189,7 @@ def _cause(err: ValidationError) -> Cause:
     field = field_path(err.absolute_path)
     value = json.dumps(err.instance, sort_keys=True) if err.validator != "required" else ""
     rule: Any = err.validator_value
+    instance: Any = err.instance
     match err.validator:
         case "required":
             return Cause(field, "FieldValueRequired", "Required value")
@@ -222,10 +223,10 @@ def _cause(err: ValidationError) -> Cause:
             return Cause(field, "FieldValueInvalid", message)
         case "maxItems":
             return Cause(
-                field, "FieldValueTooMany", f"Too many: {len(err.instance)}: must have at most {rule} items"
+                field, "FieldValueTooMany", f"Too many: {len(instance)}: must have at most {rule} items"
             )
         case "minItems":
-            message = f"Invalid value: {len(err.instance)}: {field} in body should have at least {rule} items"
+            message = f"Invalid value: {len(instance)}: {field} in body should have at least {rule} items"
             return Cause(field, "FieldValueInvalid", message)
     return Cause(field, "FieldValueInvalid", f"Invalid value: {value}: {err.message}")
 
