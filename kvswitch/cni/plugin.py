@@ -34,7 +34,7 @@ from kvswitch.cni.spec import (
     at_least,
     version_reply,
 )
-from kvswitch.ovs.ovsdb import AsyncOvsdb, OvsdbError
+from kvswitch.ovs.ovsdb import AsyncOvsdb, Ovsdb, OvsdbError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,6 +105,12 @@ class Rollback:
         return failures
 
 
+def fresh(db: AsyncOvsdb) -> Ovsdb:
+    """The IDL after taking in updates already sent to us (runs on the ovsdb thread)."""
+    db.db.refresh()
+    return db.db
+
+
 def ovs_error(what: str, exc: OvsdbError) -> CniError:
     text = str(exc)
     if "timed out" in text or "cannot connect" in text or "does not exist" in text:
@@ -115,8 +121,8 @@ def ovs_error(what: str, exc: OvsdbError) -> CniError:
 class CniPlugin:
     """Serves CNI calls. Long-lived in the server (ovsdb connections cached), or one call in-process.
 
-    ``host_netns`` names the namespace whose interfaces are the node's (None: this process's),
-    which lets tests host the server in a process that is not inside the node's namespace.
+    ``host_netns`` is the namespace (path, or name under /var/run/netns) whose interfaces are the
+    node's (None: this process's), so the server may live outside the node's namespace.
     """
 
     def __init__(
@@ -132,6 +138,8 @@ class CniPlugin:
         # call on the same attachment (or an ADD that finds the pod's ifname still taken) waits.
         self.defer_veth_delete = via_server if defer_veth_delete is None else defer_veth_delete
         self.ipam = IpamDelegate()
+        if host_netns and not host_netns.startswith("/"):
+            host_netns = f"/var/run/netns/{host_netns}"  # a name as `ip netns` knows it
         self._host_ns = netlink.Netns(host_netns) if host_netns else None
         self._ovsdb: dict[str, AsyncOvsdb] = {}
         self._ovsdb_lock = asyncio.Lock()
@@ -262,7 +270,7 @@ class CniPlugin:
         plugin = find_plugin(conf.ipam.type, env.path)
         with netlink.Netns(env.netns) as pod_ns:
             db = await self.ovsdb(conf.ovsdbSocket)
-            if not await self.ovs_call(db, "ovsdb lookup", lambda: db.db.bridge_exists(conf.bridge)):
+            if not await self.ovs_call(db, "ovsdb lookup", lambda: fresh(db).bridge_exists(conf.bridge)):
                 raise CniError(
                     Code.TRY_AGAIN_LATER,
                     f"bridge {conf.bridge} does not exist",
@@ -455,7 +463,7 @@ class CniPlugin:
             async def host_check() -> list[str]:
                 problems = []
                 db = await self.ovsdb(conf.ovsdbSocket)
-                info = await self.ovs_call(db, "ovsdb lookup", lambda: db.db.port_info(host_if))
+                info = await self.ovs_call(db, "ovsdb lookup", lambda: fresh(db).port_info(host_if))
                 if info is None:
                     problems.append(f"OVS port {host_if} is missing")
                 else:
@@ -519,7 +527,7 @@ class CniPlugin:
             )
         try:
             db = await self.ovsdb(conf.ovsdbSocket)
-            has_bridge = await self.ovs_call(db, "ovsdb lookup", lambda: db.db.bridge_exists(conf.bridge))
+            has_bridge = await self.ovs_call(db, "ovsdb lookup", lambda: fresh(db).bridge_exists(conf.bridge))
         except CniError as err:
             raise CniError(
                 Code.NOT_AVAILABLE, "Open vSwitch is not reachable", err.details or err.msg
@@ -557,7 +565,7 @@ class CniPlugin:
         ports = await self.ovs_call(
             db,
             "ovsdb lookup",
-            lambda: db.db.find_ports(None, **{ID_OWNER: PLUGIN_NAME, ID_NETWORK: conf.name}),
+            lambda: fresh(db).find_ports(None, **{ID_OWNER: PLUGIN_NAME, ID_NETWORK: conf.name}),
         )
         for port in ports:
             cid, ifname = port.external_ids.get(ID_CONTAINER, ""), port.external_ids.get(ID_IFNAME, "")

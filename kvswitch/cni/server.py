@@ -37,9 +37,11 @@ class CniServer:
         host_netns: str | None = None,
         max_concurrent: int = 64,
         stop_grace: float = 10.0,
+        defer_veth_delete: bool = True,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.host_netns = host_netns
+        self.defer_veth_delete = defer_veth_delete
         self.stop_grace = stop_grace
         self._max_concurrent = max_concurrent
         self._server: asyncio.Server | None = None
@@ -61,7 +63,9 @@ class CniServer:
             if _answers(self.socket_path):
                 raise RuntimeError(f"another CNI server is serving {self.socket_path}")
             self.socket_path.unlink()
-        self._plugin = CniPlugin(host_netns=self.host_netns, via_server=True)
+        self._plugin = CniPlugin(
+            host_netns=self.host_netns, via_server=True, defer_veth_delete=self.defer_veth_delete
+        )
         self._sem = asyncio.Semaphore(self._max_concurrent)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
         os.chmod(self.socket_path, 0o600)
@@ -87,6 +91,11 @@ class CniServer:
             await self._plugin.close()
             self._plugin = None
         log.info("CNI server on %s stopped", self.socket_path)
+
+    async def drain(self) -> None:
+        """Wait until work that outlives its reply (deferred veth deletions) is done."""
+        if self._plugin is not None:
+            await self._plugin.drain()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled; stops cleanly on the way out."""
@@ -205,6 +214,10 @@ class ServerThread:
                 await self.server.stop()
 
         asyncio.run(main())
+
+    def drain(self, timeout: float = 30.0) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.server.drain(), self._loop).result(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._loop is not None and self._task is not None and not self._loop.is_closed():
