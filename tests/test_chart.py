@@ -40,12 +40,16 @@ Obj = dict[str, Any]
 
 
 @functools.cache
-def helm_binary() -> Path:
-    """.tools/bin/helm, fetched by scripts/fetch-helm.sh when missing (a fresh clone, CI)."""
-    helm = TOOLS_BIN / "helm"
-    if not helm.exists():
+def tool(name: str) -> Path:
+    """.tools/bin/helm or kubectl, fetched by scripts/fetch-helm.sh when missing (a fresh clone, CI)."""
+    path = TOOLS_BIN / name
+    if not path.exists():
         subprocess.run([str(ROOT / "scripts" / "fetch-helm.sh")], check=True, timeout=300)
-    return helm
+    return path
+
+
+def helm_binary() -> Path:
+    return tool("helm")
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:

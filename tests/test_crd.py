@@ -4,6 +4,7 @@ VSwitchConfig schema accepts the valid samples and rejects each invalid one at t
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import kubernetes_validate
 import pytest
 
 from kvswitch.config import InvalidConfig, parse_spec
-from tests.test_chart import CHART, CRDS, KUBE_VERSIONS, crd_validator, load_yaml
+from tests.test_chart import CHART, CRDS, KUBE_VERSIONS, crd_validator, load_yaml, tool
 
 VSC = CRDS / "kvswitch.io_vswitchconfigs.yaml"
 VALID = sorted((CRDS / "samples" / "valid").glob("*.yaml"))
@@ -77,6 +78,25 @@ class TestDefinitions:
             "Ready": '.status.conditions[?(@.type=="Ready")].status',
             "Age": ".metadata.creationTimestamp",
         }
+
+    @pytest.mark.parametrize(
+        ("sample", "expected"),
+        [
+            ("node-a-full.yaml", ["10.244.1.0/24", "vxlan", "192.168.10.11", "True"]),
+            ("node-b-minimal.yaml", ["172.16.0.0/24", "geneve", "10.0.0.255", ""]),  # no status yet
+        ],
+    )
+    def test_printer_columns_evaluate_with_kubectls_jsonpath(self, sample: str, expected: list[str]) -> None:
+        # kubectl's own JSONPath engine, offline (--local): what `kubectl get vsc` will print.
+        columns = [c for c in vsc_version()["additionalPrinterColumns"] if c["type"] == "string"]
+        template = "".join("{" + c["jsonPath"] + "}|" for c in columns)
+        proc = subprocess.run(
+            [str(tool("kubectl")), "label", "--local", "-f", str(CRDS / "samples" / "valid" / sample), "x=y",
+             "-o", f"jsonpath={template}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split("|")[:-1] == expected
 
     def test_spec_fields(self) -> None:
         spec = spec_schema()
