@@ -169,12 +169,21 @@ def build(out: Path, dist: str, entries: list[str], binaries: list[Path]) -> str
 
     for name in entries:
         ep = _entry_point(name)
+        # Started with -I -S: site processing would triple the interpreter's start-up, paid on
+        # every pod. The bundle's site-packages goes on sys.path directly; only a development
+        # bundle (editable install: a .pth finder) needs site processing after all.
         (out / "bin" / f"{name}.py").write_text(
             f"# Generated: the {name} console script, from the bundle's own site-packages.\n"
-            "import importlib, os, site, sys\n"
-            "site.addsitedir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),"
-            " 'site-packages'))\n"
-            f"target = importlib.import_module({ep.module!r})\n"
+            "import importlib, os, sys\n"
+            "sp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),"
+            " 'site-packages')\n"
+            "sys.path.insert(0, sp)\n"
+            "try:\n"
+            f"    target = importlib.import_module({ep.module!r})\n"
+            "except ModuleNotFoundError:\n"
+            "    import site\n"
+            "    site.addsitedir(sp)\n"
+            f"    target = importlib.import_module({ep.module!r})\n"
             f"for attr in {ep.attr!r}.split('.'):\n"
             "    target = getattr(target, attr)\n"
             "sys.exit(target())\n"

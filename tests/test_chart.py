@@ -483,6 +483,8 @@ class TestChartMatchesTheCode:
         assert mounted(settings.cni_bin_dir, writable=False)
         assert settings.ipam_data_dir is not None and mounted(settings.ipam_data_dir, writable=True)
         assert settings.host_netns is None  # hostNetwork: the agent's namespace is the node's
+        # The agent's cni_bin_dir is read-only and install-cni did the work: no second installer.
+        assert settings.install_cni is False
 
     def test_probe_endpoint_reaches_kopf(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import kopf

@@ -44,8 +44,7 @@ def sh(script: str, *args: str, env: dict[str, str], check: bool = True) -> subp
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundle as the Dockerfile builds it, from this venv (kvswitchctl stands in for the CNI
-    entry point: the same wrapper, and it imports the package)."""
+    """The bundle as the Dockerfile builds it, from this venv (kvswitchctl too: a second entry point)."""
     out = tmp_path_factory.mktemp("bundle") / "cni-bundle"
     subprocess.run(
         [
@@ -54,6 +53,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(out),
             "--dist",
             "kvswitch",
+            "--entry",
+            "k-vswitch-cni",
             "--entry",
             "kvswitchctl",
             "--binary",
@@ -135,6 +136,7 @@ class TestBundle:
         assert (bundle / "libexec" / "host-local").exists() and (bundle / "libexec" / "portmap").exists()
         assert sorted(p.name for p in (bundle / "wrappers").iterdir()) == [
             "host-local",
+            "k-vswitch-cni",
             "kvswitchctl",
             "portmap",
         ]
@@ -209,6 +211,35 @@ class TestRealInstall:
         )
         assert version.returncode == 0, version.stderr
         assert "0.4.0" in json.loads(version.stdout)["supportedVersions"]
+
+    def test_the_cni_plugin_answers_as_a_runtime_calls_it(
+        self, installed: tuple[dict[str, Path], str]
+    ) -> None:
+        node, _ = installed
+        plugin = str(node["bin"] / "k-vswitch-cni")
+        version = subprocess.run(
+            [plugin], env={"CNI_COMMAND": "VERSION"}, input='{"cniVersion": "1.0.0"}',
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )  # fmt: skip
+        assert version.returncode == 0, version.stderr
+        assert "1.0.0" in json.loads(version.stdout)["supportedVersions"]
+        # No CNI server listening: the plugin loads its whole implementation from the bundle and
+        # runs the call itself; a missing netns must come back as a CNI error, not an ImportError.
+        conf = {
+            "cniVersion": "1.1.0",
+            "name": "k",
+            "type": "k-vswitch-cni",
+            "serverSocket": "/nonexistent/cni.sock",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.1.0.0/24"}]]},
+        }
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/k-vswitch-absent",
+               "CNI_IFNAME": "eth0", "CNI_PATH": str(node["bin"])}  # fmt: skip
+        add = subprocess.run(
+            [plugin], env=env, input=json.dumps(conf), capture_output=True, text=True, timeout=60, cwd="/"
+        )
+        assert add.returncode == 1
+        error = json.loads(add.stdout)
+        assert error["code"] == 3 and "network namespace does not exist" in error["msg"], error
 
     def test_wrapper_found_through_path_works_too(self, installed: tuple[dict[str, Path], str]) -> None:
         node, _ = installed
