@@ -40,6 +40,8 @@ import concurrent.futures
 import copy
 import dataclasses
 import datetime
+import gzip
+import importlib.resources
 import json
 import logging
 import os
@@ -330,7 +332,9 @@ class Emulator(kmock.KubernetesEmulator):
             self.fallback[f"get {path}"] << b"ok"
         self.fallback["get /openapi/v3"] << self._serve_openapi_root
         self.fallback["get", re.compile(r"/openapi/v3/apis?/.+")] << self._serve_openapi_group_version
-        self.resources.load_bundled()
+        # KMock's own load_bundled() uses a deprecated importlib API; same data, read directly.
+        bundled = importlib.resources.files("kmock._internal").joinpath("resources.json.gz").read_bytes()
+        self.resources.load_data(gzip.decompress(bundled))
         for ns in SYSTEM_NAMESPACES:
             self.create_object(self.spec("v1/namespaces"), {"metadata": {"name": ns}})
         if self.kopf_peering:
@@ -472,6 +476,10 @@ class Emulator(kmock.KubernetesEmulator):
             result = self.list_objects(spec, ns, params)
         elif method == "POST" and name is not None and sub == "binding" and spec.ref == "v1/pods":
             result, status = self._bind(spec, ns, name, self._body(request)), 201
+        elif method == "POST" and name is None and spec.ref == "v1/bindings":  # what schedulers post
+            body = self._body(request)
+            pod = str((body.get("metadata") or {}).get("name", ""))
+            result, status = self._bind(self._spec_for(kmock.resource("v1/pods")), ns, pod, body), 201
         elif method == "POST" and name is None:
             validation = params.get("fieldValidation")
             body = self._body(request)
@@ -493,7 +501,12 @@ class Emulator(kmock.KubernetesEmulator):
             if result.pop("__created__", False):
                 status = 201
         elif method == "DELETE" and name is not None:
-            options = self._body(request, default={})
+            options = dict(self._body(request, default={}))  # DeleteOptions, also accepted as query params
+            for param in ("propagationPolicy", "orphanDependents"):
+                if param in params:
+                    options[param] = (
+                        params[param] if param == "propagationPolicy" else params[param] == "true"
+                    )
             result = self.delete_object(spec, ns, name, options=options, dry_run=dry_run)
         elif method == "DELETE":
             result = self.delete_collection(spec, ns, params, dry_run=dry_run)
@@ -1108,6 +1121,8 @@ class Emulator(kmock.KubernetesEmulator):
             except ValueError as e:
                 raise _error(400, "BadRequest", f"error decoding the patch: {e}") from None
             if content_type == "application/json-patch+json":
+                if not isinstance(ops, list):
+                    raise _error(400, "BadRequest", "a JSON patch must be a list of operations")
                 apply = json_patch
             elif content_type == "application/merge-patch+json":
                 apply = merge_patch
