@@ -302,7 +302,7 @@ async def test_watch_versions_timeouts_bookmarks_and_expiry(
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "new")]
     assert 0.9 < time.monotonic() - started < 5
     # Without a resourceVersion: the current state first; labelSelector applies to watches too.
-    events = await stream("watch=true&labelSelector=role%3Dworker&timeoutSeconds=1")
+    events = await stream("watch=true&labelSelector=role%3Dworker", count=1)
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "new")]
     # Bookmarks on idle streams carry the latest resourceVersion.
     events = await stream("watch=true&allowWatchBookmarks=true&fieldSelector=metadata.name%3Dnone", count=1)
@@ -313,7 +313,7 @@ async def test_watch_versions_timeouts_bookmarks_and_expiry(
     assert [e["type"] for e in events] == ["ADDED", "ADDED", "BOOKMARK"]
     assert events[2]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
     # A single object by its URL (the legacy form).
-    events = await stream("watch=True&timeoutSeconds=1", path="/api/v1/nodes/new")
+    events = await stream("watch=True", count=1, path="/api/v1/nodes/new")
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "new")]
 
     # resourceVersions that fell out of the watch cache are 410 Gone, like a compacted etcd.

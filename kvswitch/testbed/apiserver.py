@@ -311,6 +311,7 @@ class Emulator(kmock.KubernetesEmulator):
     max_history: int = 50  # versions kept per object in ``objects`` (KMock keeps all)
     max_recorded_requests: int = 20_000  # requests kept for KMock's assertions (KMock keeps all)
 
+    failures: list[Exception] = attrs.field(factory=list, init=False)  # unexpected ones, answered with 500
     _rv: int = attrs.field(default=0, init=False)
     _live: dict[kmock.resource, dict[Key, JSON]] = attrs.field(
         factory=lambda: collections.defaultdict(dict), init=False
@@ -359,6 +360,7 @@ class Emulator(kmock.KubernetesEmulator):
             return await self._error_response(e, raw_response)
         except Exception as e:
             logger.exception("fake API server failed on %s %s", raw_request.method, raw_request.path_qs)
+            self.failures.append(e)
             if self._errors:
                 self._errors[-1].append(e)
             return await self._error_response(
@@ -494,11 +496,12 @@ class Emulator(kmock.KubernetesEmulator):
             )  # fmt: skip
         elif method == "PATCH" and name is not None:
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            existed = (ns if spec.namespaced else None, name) in self._live[spec.ref]
             result = self.patch_object(
                 spec, ns, name, request.body, content_type, subresource=sub, dry_run=dry_run,
                 field_validation=params.get("fieldValidation"), warnings=warnings,
             )  # fmt: skip
-            if result.pop("__created__", False):
+            if not existed:  # an apply patch created it
                 status = 201
         elif method == "DELETE" and name is not None:
             options = dict(self._body(request, default={}))  # DeleteOptions, also accepted as query params
@@ -1104,7 +1107,7 @@ class Emulator(kmock.KubernetesEmulator):
             key = (namespace if spec.namespaced else None, name)
             if key not in self._live[spec.ref]:  # server-side apply creates
                 document.setdefault("metadata", {})["name"] = name
-                created = self.create_object(
+                return self.create_object(
                     spec,
                     document,
                     namespace,
@@ -1112,7 +1115,6 @@ class Emulator(kmock.KubernetesEmulator):
                     field_validation=field_validation,
                     warnings=warnings,
                 )
-                return {**created, "__created__": True}
             ops: Any = document
             apply: Callable[[Any, Any], Any] = merge_patch
         else:
@@ -1599,7 +1601,7 @@ class ApiServer:
     @property
     def errors(self) -> list[Exception]:
         """Unexpected server-side failures (answered with 500); a passing test expects none."""
-        return self.emulator.errors
+        return self.emulator.failures
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> str:
         """Start serving; ``sock`` may come from ``netns_socket()`` (bound here to host:port if unbound)."""
@@ -1646,6 +1648,7 @@ class ApiServer:
 
     # Direct store access for tests and the sandbox: same semantics as the HTTP API, no HTTP.
     # Call them in the server's loop (ApiServerThread marshals them there). Failures raise ApiError.
+    # They return copies: stored objects are shared with watch streams and the history.
 
     def register_crd(self, crd: Mapping[str, Any] | str | os.PathLike[str]) -> list[ResourceSpec]:
         return self.emulator.register_crd(crd)
@@ -1654,11 +1657,13 @@ class ApiServer:
         return self.emulator.declare_resource(group, version, plural, **kwargs)
 
     def create(self, resource: ResourceLike, body: Mapping[str, Any], namespace: str | None = None) -> JSON:
-        return self.emulator.create_object(self.emulator.spec(resource), body, namespace)
+        return copy.deepcopy(self.emulator.create_object(self.emulator.spec(resource), body, namespace))
 
     def get(self, resource: ResourceLike, name: str, namespace: str | None = None) -> JSON | None:
         spec = self.emulator.spec(resource)
-        return self.emulator._live[spec.ref].get((namespace if spec.namespaced else None, name))
+        return copy.deepcopy(
+            self.emulator._live[spec.ref].get((namespace if spec.namespaced else None, name))
+        )
 
     def list_objects(
         self,
@@ -1669,9 +1674,8 @@ class ApiServer:
         field_selector: str = "",
     ) -> list[JSON]:
         params = {"labelSelector": label_selector, "fieldSelector": field_selector}
-        items: list[JSON] = self.emulator.list_objects(self.emulator.spec(resource), namespace, params)[
-            "items"
-        ]
+        listed = self.emulator.list_objects(self.emulator.spec(resource), namespace, params)
+        items: list[JSON] = copy.deepcopy(listed["items"])
         return items
 
     def patch(
@@ -1695,8 +1699,7 @@ class ApiServer:
         result = self.emulator.patch_object(
             spec, namespace, name, patch, content_type, subresource=subresource
         )
-        result.pop("__created__", None)
-        return result
+        return copy.deepcopy(result)
 
     def replace(
         self,
@@ -1707,8 +1710,9 @@ class ApiServer:
         *,
         subresource: str | None = None,
     ) -> JSON:
-        return self.emulator.replace_object(
-            self.emulator.spec(resource), namespace, name, body, subresource=subresource
+        spec = self.emulator.spec(resource)
+        return copy.deepcopy(
+            self.emulator.replace_object(spec, namespace, name, body, subresource=subresource)
         )
 
     def delete(
@@ -1723,7 +1727,8 @@ class ApiServer:
         spec = self.emulator.spec(resource)
         if self.get(spec.ref, name, namespace) is None:
             return None
-        return self.emulator.delete_object(spec, namespace, name, options={"propagationPolicy": propagation})
+        options = {"propagationPolicy": propagation}
+        return copy.deepcopy(self.emulator.delete_object(spec, namespace, name, options=options))
 
 
 class ApiServerThread:
