@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     sb = sub.add_parser("sandbox", help="start a local multi-node sandbox and show pod connectivity")
     sb.add_argument("--nodes", type=int, default=3)
     sb.add_argument("--pods-per-node", type=int, default=2)
+    sb.add_argument("--overlay", choices=["vxlan", "gre", "geneve"], default="vxlan")
     sb.add_argument("--hold", action="store_true", help="keep it up until Ctrl-C")
     sub.add_parser("clean-runs", help="remove test-bed runs left behind by a killed process")
     args = parser.parse_args(argv)
     if args.command == "sandbox":
         from kvswitch.sandbox import run_sandbox
 
-        return run_sandbox(args.nodes, args.pods_per_node, args.hold)
+        return run_sandbox(args.nodes, args.pods_per_node, args.overlay, args.hold)
     return _clean_runs()
 
 

@@ -1,4 +1,9 @@
-"""The local sandbox: simulated nodes with real Open vSwitch, pods, and a connectivity matrix."""
+"""The local sandbox: a whole k-vswitch cluster on one machine, no Kubernetes install needed.
+
+Fake API server, k-vswitch-controller, one k-vswitchd per simulated node (each node a network
+namespace with its own Open vSwitch), pods wired by k-vswitch-cni; then real packets between every
+pair of pods, and out to a host beyond the cluster through SNAT.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,8 @@ import sys
 import time
 from types import FrameType
 
-from kvswitch.testbed import TestBed
-from kvswitch.testbed.probes import full_matrix
-
-BRIDGE = "k-vswitch0"
+from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster
+from kvswitch.testbed.probes import format_matrix, full_matrix, ping
 
 
 def _say(msg: str) -> None:
@@ -22,49 +25,47 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_sandbox(nodes: int = 3, pods_per_node: int = 2, hold: bool = False) -> int:
-    """Bring the test bed up, wire pods into each node's bridge, print the matrix, tear down."""
+def run_sandbox(nodes: int = 3, pods_per_node: int = 2, overlay: str = "vxlan", hold: bool = False) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    bed = TestBed()
-    started = time.monotonic()
+    cluster = Cluster(nodes=nodes, overlay=overlay, say=_say)
     try:
-        _say(f"run {bed.run_id}: starting {nodes} nodes (own ovsdb-server + ovs-vswitchd each)")
-        for node in bed.add_nodes(nodes):
-            _say(f"  {node.name}: netns {node.netns}, underlay {node.underlay_ip}")
-            node.ovs.vsctl(
-                "--may-exist", "add-br", BRIDGE, "--", "set", "bridge", BRIDGE, "datapath_type=netdev"
-            )
+        cluster.start()
+        t0 = time.monotonic()
         endpoints = []
-        for node in bed.nodes.values():
+        for node in cluster.bed.nodes.values():
             for i in range(pods_per_node):
-                pod = bed.add_pod(node, f"{node.name}-p{i}")
-                ip = f"10.244.{node.index}.{10 + i}"
-                bed.plug(pod, BRIDGE, f"{ip}/24")
-                endpoints.append((pod.name, pod.netns, ip))
-                _say(f"  pod {pod.name} {ip} on {node.name}")
-        _say(f"up in {time.monotonic() - started:.2f}s; probing ICMP, TCP and UDP between every pod pair")
+                cp = cluster.add_pod(node, f"{node.name}-p{i}")
+                endpoints.append((cp.name, cp.netns, cp.ip))
+                _say(f"  pod default/{cp.name} on {node.name}: {cp.ip} (CNI ADD via k-vswitch-cni)")
+        _say(f"{len(endpoints)} pods wired in {time.monotonic() - t0:.1f}s; probing ICMP, TCP and UDP")
+        time.sleep(0.2)
         matrices = asyncio.run(full_matrix(endpoints))
         labels = [e[0] for e in endpoints]
-        from kvswitch.testbed.probes import format_matrix
-
+        failures = 0
         for proto, results in matrices.items():
-            print(f"\n{proto.upper()} (row = source, column = destination)")
+            print(f"\n{proto.upper()} over {overlay} (row = source, column = destination)")
             print(format_matrix(labels, results))
-        print(
-            "\nPods reach each other on their own node; cross-node paths need the overlay "
-            "(the node agent programs it)."
-        )
+            failures += sum(not ok for ok in results.values())
+        external = asyncio.run(_external(endpoints))
+        print(f"\npods -> external host {EXTERNAL_IP} (SNAT): {sum(external)}/{len(external)} reachable")
+        failures += external.count(False)
+        _say("all paths work" if failures == 0 else f"{failures} probes FAILED; logs under {cluster.workdir}")
         if hold:
-            _say("holding; press Ctrl-C to tear down")
+            _say(f"holding; try: kubectl --kubeconfig {cluster.workdir}/kubeconfig.local get vsc")
+            _say("Ctrl-C tears everything down")
             signal.pause()
-        return 0
+        return 0 if failures == 0 else 1
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
     finally:
         _say("tearing down")
-        bed.teardown()
+        cluster.stop()
         _say("clean")
+
+
+async def _external(endpoints: list[tuple[str, str, str]]) -> list[bool]:
+    return list(await asyncio.gather(*(ping(ns, EXTERNAL_IP) for _, ns, _ in endpoints)))
 
 
 if __name__ == "__main__":

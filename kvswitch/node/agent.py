@@ -9,10 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from kvswitch.cni import install as cni_install
+from kvswitch.cni.plugin import ID_IP, ID_MAC, ID_OWNER, ID_POD_NAME, ID_POD_NAMESPACE
+from kvswitch.cni.server import CniServer
+from kvswitch.cni.spec import PLUGIN_NAME
 from kvswitch.config import AgentSettings, VSwitchConfigSpec
 from kvswitch.datapath import LocalPod, RemoteNode, node_flows, pod_flows, remote_node_flows
 from kvswitch.node.host import HostNetwork
@@ -32,30 +41,64 @@ from kvswitch.ovs.pipeline import (
 
 log = logging.getLogger(__name__)
 
-# external_ids the CNI plugin writes on a pod's OVS port (see kvswitch/cni).
-POD_EXTERNAL_IDS = {
-    "ip": "k-vswitch/ip",
-    "mac": "k-vswitch/mac",
-    "namespace": "k8s/pod-namespace",
-    "name": "k8s/pod-name",
-    "uid": "k8s/pod-uid",
-}
+CONFLIST_NAME = "10-k-vswitch.conflist"
+NETWORK_NAME = "k-vswitch"
+CONFLIST_VERSION = "1.0.0"
 
 
 def pod_from_port(info: PortInfo) -> LocalPod | None:
     """A pod attachment, if this port is one the CNI made and vswitchd has numbered."""
-    ids = {**info.iface_external_ids, **info.external_ids}
-    ip, mac = ids.get(POD_EXTERNAL_IDS["ip"]), ids.get(POD_EXTERNAL_IDS["mac"])
-    if not ip or not mac or info.ofport is None:
+    ids = info.external_ids
+    if ids.get(ID_OWNER) != PLUGIN_NAME or info.ofport is None:
+        return None
+    ipv4 = [a for a in ids.get(ID_IP, "").split(",") if a and ":" not in a]
+    mac = ids.get(ID_MAC)
+    if not ipv4 or not mac:
         return None
     return LocalPod(
         port=info.name,
         ofport=info.ofport,
-        ip=str(ipaddress.IPv4Interface(ip).ip),
+        ip=str(ipaddress.IPv4Interface(ipv4[0]).ip),
         mac=mac.lower(),
-        namespace=ids.get(POD_EXTERNAL_IDS["namespace"], ""),
-        name=ids.get(POD_EXTERNAL_IDS["name"], ""),
+        namespace=ids.get(ID_POD_NAMESPACE, ""),
+        name=ids.get(ID_POD_NAME, ""),
     )
+
+
+def conflist(settings: AgentSettings, spec: VSwitchConfigSpec, mtu: int) -> dict[str, Any]:
+    """k-vswitch first (it makes the interface and asks host-local for the IP), then portmap."""
+    ipam: dict[str, Any] = {
+        "type": "host-local",
+        "ranges": [[{"subnet": spec.pod_cidr, "gateway": spec.gateway_ip}]],
+    }
+    if settings.ipam_data_dir:
+        ipam["dataDir"] = settings.ipam_data_dir
+    return {
+        # 1.0.0, not 1.1.0: the portmap/bandwidth plugins that distributions ship (e.g. Debian's
+        # 1.1.1) refuse 1.1.0 configs, and a chain runs at the version every plugin supports.
+        "cniVersion": CONFLIST_VERSION,
+        "name": NETWORK_NAME,
+        "plugins": [
+            {
+                "type": PLUGIN_NAME,
+                "bridge": settings.bridge,
+                "mtu": mtu,
+                "encapsulation": spec.overlay_type.value,
+                "ovsdbSocket": settings.ovsdb,
+                "serverSocket": settings.cni_socket,
+                "ipam": ipam,
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+        ],
+    }
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -77,6 +120,7 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self.on_ports_changed: Callable[[], None] | None = None
+        self.cni_server = CniServer(settings.cni_socket, host_netns=settings.host_netns)
 
     @property
     def db(self) -> AsyncOvsdb:
@@ -93,6 +137,9 @@ class NodeAgent:
         await self.db.call(self.db.db.ensure_bridge, s.bridge, datapath_type=s.datapath_type)
         await asyncio.to_thread(_wait_for_mgmt, self.ofctl)
         await self.reconciler.start(self.db, s.bridge)
+        if s.install_cni:
+            await asyncio.to_thread(cni_install.install, s.cni_bin_dir)
+        await self.cni_server.start()
 
     async def finish_startup(self) -> None:
         await self.sync_ports()
@@ -110,6 +157,7 @@ class NodeAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        await self.cni_server.stop()
         if self.ovsdb is not None:
             await self.ovsdb.close()
             self.ovsdb = None
@@ -148,6 +196,9 @@ class NodeAgent:
             prefix = spec.pod_network.prefixlen
             await asyncio.to_thread(self._host_setup, spec, f"{spec.gateway_ip}/{prefix}", mtu, previous)
             await self.reconciler.set_flows(NODE_OWNER, node_flows(spec, GATEWAY_OFPORT, TUNNEL_OFPORT))
+            # The conflist last: the runtime starts sending pods once it exists.
+            text = json.dumps(conflist(s, spec, mtu), indent=2) + "\n"
+            await asyncio.to_thread(write_atomically, Path(s.cni_conf_dir) / CONFLIST_NAME, text)
             self.state.local = spec
 
     def _host_setup(

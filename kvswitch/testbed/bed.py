@@ -115,6 +115,8 @@ class TestBed:
             self.underlay_ns,
         )
         run(["ip", "link", "set", uplink, "master", UNDERLAY_BRIDGE, "up"], self.underlay_ns)
+        # Packets the underlay sends into OVS (AF_PACKET on eth0) must carry real checksums.
+        run(["ethtool", "-K", uplink, "tx", "off"], self.underlay_ns)
         # The kernel must not answer ARP on the veth OVS owns: OVS would learn the wrong MAC.
         run(["ip", "link", "set", "eth0", "arp", "off", "up"], ns)
         node.ovs.start()

@@ -1,0 +1,359 @@
+"""A local cluster without Kubernetes: fake API server, real controller and agent processes,
+real OVS nodes, and pods wired through ``k-vswitch-cni`` as a container runtime would.
+
+The API server listens inside the underlay namespace (10.250.0.1:6443, where the node agents reach
+it over the simulated network, as hostNetwork pods do) and on loopback (for the harness and for
+kubectl). The controller runs in the underlay namespace ("the control plane"), each agent inside
+its node's namespace. This is both the sandbox (``kvswitchctl sandbox``) and the end-to-end harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvswitch.cni.runner import Attachment, ConfList, Plugins, netns_path
+from kvswitch.config import GROUP, KIND, PLURAL, VERSION
+from kvswitch.node.agent import CONFLIST_NAME
+from kvswitch.testbed.apiserver import ApiServerThread, write_kubeconfig
+from kvswitch.testbed.bed import PHYS_BRIDGE, UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
+from kvswitch.testbed.kubeclient import VSC, KubeClient, pods_path
+from kvswitch.testbed.netns import create_netns, netns_socket, run, sysctl
+
+API_IP = str(UNDERLAY.network_address + 1)
+API_PORT = 6443
+EXTERNAL_IP = str(UNDERLAY.network_address + 200)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO_ROOT / "crds" / "kvswitch.io_vswitchconfigs.yaml"
+SYSTEM_CNI_DIR = "/usr/lib/cni"
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass
+class ClusterPod:
+    name: str
+    namespace: str
+    node: Node
+    pod: Pod
+    uid: str
+    ip: str = ""
+    result: Any = None
+
+    @property
+    def netns(self) -> str:
+        return self.pod.netns
+
+    @property
+    def container_id(self) -> str:
+        return self.uid.replace("-", "")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+@dataclass
+class Cluster:
+    nodes: int = 3
+    overlay: str = "vxlan"
+    cluster_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
+    say: Callable[[str], None] = lambda msg: None
+    bed: TestBed = field(default_factory=TestBed)
+    processes: dict[str, Process] = field(default_factory=dict)
+    pods: dict[tuple[str, str], ClusterPod] = field(default_factory=dict)
+    api: ApiServerThread | None = None
+    kube: KubeClient | None = None
+    external_ns: str = ""
+
+    @property
+    def workdir(self) -> Path:
+        return self.bed.workdir
+
+    @property
+    def client(self) -> KubeClient:
+        assert self.kube is not None, "cluster not started"
+        return self.kube
+
+    # --- start ----------------------------------------------------------------------------
+
+    def start(self) -> Cluster:
+        t0 = time.monotonic()
+        self.say(f"run {self.bed.run_id}: {self.nodes} nodes, each its own ovsdb-server + ovs-vswitchd")
+        for node in self.bed.add_nodes(self.nodes):
+            self.say(f"  {node.name}: netns {node.netns}, underlay {node.underlay_ip}")
+        self.bed.seed_tunnel_neighbours()
+        run(
+            ["ip", "addr", "add", f"{API_IP}/{UNDERLAY.prefixlen}", "dev", UNDERLAY_BRIDGE],
+            self.bed.underlay_ns,
+        )
+        self._add_external_host()
+        self._start_api()
+        self.say(f"API server on http://{API_IP}:{API_PORT} (underlay) and {self.client.base_url} (loopback)")
+        self._start_process(
+            "controller",
+            self.bed.underlay_ns,
+            _bin("k-vswitch-controller"),
+            {
+                "KVSWITCH_STANDALONE": "1",
+                "KVSWITCH_CLUSTER_CIDR": self.cluster_cidr,
+                "KVSWITCH_SERVICE_CIDR": self.service_cidr,
+                "KVSWITCH_OVERLAY_TYPE": self.overlay,
+            },
+        )
+        for node in self.bed.nodes.values():
+            self._create_node_object(node)
+            self.start_agent(node)
+        for node in self.bed.nodes.values():
+            self.wait_ready(node.name)
+        self.say(f"all {self.nodes} VSwitchConfigs Ready in {time.monotonic() - t0:.1f}s")
+        return self
+
+    def _add_external_host(self) -> None:
+        """A host on the underlay outside the cluster: pods reach it only through SNAT."""
+        self.external_ns = f"{self.bed.prefix}-ext"
+        create_netns(self.external_ns)
+        sysctl(self.external_ns, "net.ipv6.conf.all.disable_ipv6", "1")
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                "up-ext",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.external_ns,
+            ],
+            self.bed.underlay_ns,
+        )
+        run(["ip", "link", "set", "up-ext", "master", UNDERLAY_BRIDGE, "up"], self.bed.underlay_ns)
+        run(["ip", "addr", "add", f"{EXTERNAL_IP}/{UNDERLAY.prefixlen}", "dev", "eth0"], self.external_ns)
+        run(["ip", "link", "set", "eth0", "up"], self.external_ns)
+        run(["ethtool", "-K", "eth0", "tx", "off"], self.external_ns)
+
+    def _start_api(self) -> None:
+        self.api = ApiServerThread(crds=[CRD_FILE])
+        local_url = self.api.start()  # loopback, for the harness and kubectl
+        sock = netns_socket(self.bed.underlay_ns, socket.AF_INET, socket.SOCK_STREAM)
+        self.api.listen(host=API_IP, port=API_PORT, sock=sock)  # for the agents, over the underlay
+        self.kube = KubeClient(local_url)
+        write_kubeconfig(self.workdir / "kubeconfig", f"http://{API_IP}:{API_PORT}")
+        write_kubeconfig(self.workdir / "kubeconfig.local", local_url)
+
+    def _start_process(self, name: str, netns: str, binary: str, env: dict[str, str]) -> Process:
+        log = self.workdir / f"{name}.log"
+        full_env = {
+            **os.environ,
+            "KUBECONFIG": str(self.workdir / "kubeconfig"),
+            "KVSWITCH_RUN_DIR": str(self.workdir),  # lets the leak check find our processes
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", netns, binary],
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        proc = Process(name, popen, log)
+        self.processes[name] = proc
+        return proc
+
+    def node_dir(self, node: Node) -> Path:
+        return self.workdir / node.name
+
+    def agent_env(self, node: Node) -> dict[str, str]:
+        d = self.node_dir(node)
+        return {
+            "NODE_NAME": node.name,
+            "KVSWITCH_OVSDB": node.ovs.db_remote,
+            "KVSWITCH_OVS_RUNDIR": str(node.ovs.workdir),
+            "KVSWITCH_DATAPATH_TYPE": "netdev",
+            "KVSWITCH_CNI_CONF_DIR": str(d / "net.d"),
+            "KVSWITCH_CNI_BIN_DIR": str(d / "cni-bin"),
+            "KVSWITCH_CNI_SOCKET": str(d / "cni.sock"),
+            "KVSWITCH_IPAM_DATA_DIR": str(d / "ipam"),
+            "KVSWITCH_RESYNC_INTERVAL": "30",
+        }
+
+    def start_agent(self, node: Node) -> Process:
+        return self._start_process(f"agent-{node.name}", node.netns, _bin("k-vswitchd"), self.agent_env(node))
+
+    def _create_node_object(self, node: Node) -> None:
+        self.client.create(
+            "/api/v1/nodes",
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+                "spec": {"podCIDR": self.pod_cidr(node)},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": node.underlay_ip},
+                        {"type": "Hostname", "address": node.name},
+                    ]
+                },
+            },
+        )
+
+    def pod_cidr(self, node: Node) -> str:
+        base = self.cluster_cidr.split(".")
+        return f"{base[0]}.{base[1]}.{node.index}.0/24"
+
+    # --- observing ------------------------------------------------------------------------
+
+    def vswitchconfig(self, name: str) -> dict[str, Any] | None:
+        obj: dict[str, Any] | None = self.client.get(f"{VSC}/{name}")
+        return obj
+
+    def ready(self, name: str, generation: int | None = None) -> bool:
+        obj = self.vswitchconfig(name)
+        if obj is None:
+            return False
+        status = obj.get("status") or {}
+        gen = generation if generation is not None else obj["metadata"].get("generation")
+        return any(
+            c.get("type") == "Ready" and c.get("status") == "True" and c.get("observedGeneration") == gen
+            for c in status.get("conditions") or []
+        )
+
+    def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+        try:
+            self.client.wait_for(f"VSwitchConfig {name} Ready", lambda: self.ready(name), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{name} not Ready; logs:\n{self.tail_logs()}") from None
+
+    def tail_logs(self, lines: int = 30) -> str:
+        out = []
+        for p in self.processes.values():
+            text = p.log.read_text(errors="replace").splitlines()[-lines:] if p.log.exists() else []
+            out.append(f"--- {p.name} (exit {p.popen.poll()}) ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def edit_vswitchconfig(self, name: str, spec: dict[str, Any]) -> int:
+        """Patch a VSwitchConfig spec as a user would; returns the new generation."""
+        obj = self.client.patch(f"{VSC}/{name}", {"spec": spec})
+        return int(obj["metadata"]["generation"])
+
+    # --- pods: the kubelet's part ---------------------------------------------------------
+
+    def conflist(self, node: Node) -> ConfList:
+        path = self.node_dir(node) / "net.d" / CONFLIST_NAME
+        plugins = Plugins([str(self.node_dir(node) / "cni-bin"), SYSTEM_CNI_DIR], netns=node.netns)
+        return ConfList(json.loads(path.read_text()), plugins)
+
+    def add_pod(
+        self,
+        node: Node,
+        name: str,
+        namespace: str = "default",
+        labels: dict[str, str] | None = None,
+        containers: list[dict[str, Any]] | None = None,
+    ) -> ClusterPod:
+        if self.client.get(f"/api/v1/namespaces/{namespace}") is None:
+            self.client.create(
+                "/api/v1/namespaces",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+            )
+        obj = self.client.create(
+            pods_path(namespace),
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+                "spec": {
+                    "nodeName": node.name,
+                    "containers": containers or [{"name": "main", "image": "sandbox"}],
+                },
+            },
+        )
+        uid = obj["metadata"].get("uid") or str(uuid.uuid4())
+        pod = self.bed.add_pod(node, f"{namespace}-{name}"[:40])
+        cp = ClusterPod(name, namespace, node, pod, uid)
+        att = self._attachment(cp)
+        cp.result = self.conflist(node).add(att)
+        cp.ip = next(ip["address"].split("/")[0] for ip in cp.result["ips"] if ":" not in ip["address"])
+        pod.ip = cp.ip
+        self.client.request(
+            "PATCH",
+            f"{pods_path(namespace)}/{name}/status",
+            {"status": {"podIP": cp.ip, "podIPs": [{"ip": cp.ip}], "phase": "Running"}},
+            content_type="application/merge-patch+json",
+        )
+        self.pods[(namespace, name)] = cp
+        return cp
+
+    def _attachment(self, cp: ClusterPod) -> Attachment:
+        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={cp.namespace};K8S_POD_NAME={cp.name};K8S_POD_UID={cp.uid}"
+        return Attachment(container_id=cp.container_id, netns=netns_path(cp.netns), ifname="eth0", args=args)
+
+    def delete_pod(self, cp: ClusterPod) -> None:
+        """What the kubelet does: CNI DEL, remove the sandbox, then the API object goes."""
+        with contextlib.suppress(Exception):
+            self.conflist(cp.node).delete(self._attachment(cp), cp.result)
+        self.bed.remove_pod(cp.pod)
+        self.client.delete(f"{pods_path(cp.namespace)}/{cp.name}")
+        self.pods.pop((cp.namespace, cp.name), None)
+
+    def delete_node(self, node: Node) -> None:
+        self.client.delete(f"/api/v1/nodes/{node.name}")
+
+    # --- stop -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        for cp in list(self.pods.values()):
+            with contextlib.suppress(Exception):
+                self.conflist(cp.node).delete(self._attachment(cp), cp.result)
+        for proc in self.processes.values():
+            proc.stop()
+        if self.api is not None:
+            self.api.stop()
+        self.bed.teardown()
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["GROUP", "KIND", "PHYS_BRIDGE", "PLURAL", "VERSION", "Cluster", "ClusterPod"]
