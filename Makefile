@@ -42,6 +42,7 @@ lint: venv
 bench: setup
 	$(PY) bench/testbed.py
 	$(PY) bench/flows.py
+	$(PY) bench/cni.py
 
 sandbox: setup
 	$(VENV)/bin/kvswitchctl sandbox

@@ -205,11 +205,20 @@ class IpamConf(_Open):
     ranges: list[list[HostLocalRange]] | None = None
 
     @model_validator(mode="after")
-    def _host_local_needs_a_range(self) -> IpamConf:
-        if self.type == "host-local" and not self.subnet and not self.ranges:
+    def _host_local_ranges(self) -> IpamConf:
+        if self.type != "host-local":
+            return self
+        if not self.subnet and not self.ranges:
             raise ValueError("host-local needs 'subnet' or 'ranges'")
         if self.ranges is not None and (not self.ranges or not all(self.ranges)):
             raise ValueError("'ranges' must be a non-empty list of non-empty range sets")
+        flat = [(self.subnet, self.rangeStart, self.rangeEnd, self.gateway)] if self.subnet else []
+        nested = [(r.subnet, r.rangeStart, r.rangeEnd, r.gateway) for rs in self.ranges or [] for r in rs]
+        for subnet, *addresses in flat + nested:
+            net = ipaddress.ip_network(subnet, strict=False)
+            for address in addresses:
+                if address is not None and ipaddress.ip_address(address) not in net:
+                    raise ValueError(f"{address} is not in subnet {subnet}")
         return self
 
 

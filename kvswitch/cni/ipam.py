@@ -100,8 +100,8 @@ class IpamDelegate:
     async def negotiate(self, plugin: str, env: Mapping[str, str], wanted: str) -> str:
         """The newest version both speak, not newer than ``wanted``; error 1 when there is none."""
         theirs = await self.supported_versions(plugin, env)
-        if wanted in theirs:
-            return wanted
+        if wanted in theirs or not theirs:
+            return wanted  # an unanswered VERSION proves nothing: let the real call speak
         want_key = version_key(wanted) or (0, 0, 0)
         common = [v for v in SUPPORTED_VERSIONS if v in theirs and (version_key(v) or (0, 0, 0)) <= want_key]
         if not common:

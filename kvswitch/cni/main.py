@@ -70,7 +70,11 @@ def main() -> int:
         )
         reply = client.Reply(1, err.to_json().encode() + b"\n")
     else:
-        reply = handle(env, stdin)
+        try:
+            reply = handle(env, stdin)
+        except Exception as exc:  # a CNI error object, never only a traceback
+            err = spec.CniError(spec.Code.INTERNAL, "k-vswitch-cni failed", repr(exc))
+            reply = client.Reply(1, err.to_json().encode() + b"\n")
     sys.stdout.buffer.write(reply.stdout)
     sys.stdout.flush()
     if reply.stderr:

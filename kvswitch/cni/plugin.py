@@ -445,17 +445,19 @@ class CniPlugin:
             )
         prev = Result.parse(conf.prevResult, "prevResult")
         host_if = host_ifname(conf.name, env.container_id, env.ifname)
-        ours = [
-            i
-            for i, iface in enumerate(prev.interfaces)
-            if iface.name == env.ifname and iface.sandbox == env.netns
-        ]
-        if not ours:
-            raise CniError(Code.CHECK_FAILED, f"prevResult lists no interface {env.ifname} in {env.netns}")
-        index = ours[0]
-        expected = prev.interfaces[index]
         plugin = find_plugin(conf.ipam.type, env.path)
         with netlink.Netns(env.netns) as pod_ns:
+            ours = [
+                i
+                for i, iface in enumerate(prev.interfaces)
+                if iface.name == env.ifname and iface.sandbox == env.netns
+            ]
+            if not ours:
+                raise CniError(
+                    Code.CHECK_FAILED, f"prevResult lists no interface {env.ifname} in {env.netns}"
+                )
+            index = ours[0]
+            expected = prev.interfaces[index]
 
             async def ipam_check() -> None:
                 await self.ipam.call("CHECK", plugin, env.raw, req.raw, conf.cniVersion)

@@ -106,6 +106,10 @@ def loads(text: str) -> object:
         value, end = _scan(text, start)
     except StopIteration as exc:
         raise ValueError(f"invalid JSON at offset {exc.value}") from None
+    except Exception as exc:
+        # The C scanner reports most syntax errors through json.decoder.JSONDecodeError, which
+        # it only finds if json.decoder was imported; without it, it fails with SystemError.
+        raise ValueError("invalid JSON") from exc
     finally:
         _ScanContext.memo.clear()
     if text[end:].strip(_WS):
