@@ -586,6 +586,10 @@ def test_kubectl(tmp_path: Path) -> None:
         assert kubectl("get", "vsc", "node-a", "-o", "jsonpath={.metadata.uid}").stdout
         assert kubectl("delete", "pod", "web").returncode == 0
         assert api.get("pods", "web", "default") is None
+        assert kubectl("create", "namespace", "team").returncode == 0  # a protobuf body
+        assert kubectl("run", "db", "-n", "team", "--image=postgres").returncode == 0
+        assert kubectl("delete", "namespace", "team", "--timeout=10s").returncode == 0  # waits on a watch
+        assert api.get("namespaces", "team") is None and api.get("pods", "db", "team") is None
         assert api.server.errors == []
 
 

@@ -294,6 +294,65 @@ def _releasable(obj: Mapping[str, Any]) -> bool:
     return not meta.get("finalizers") and not spec_finalizers
 
 
+def _protobuf_fields(buf: bytes) -> Iterator[tuple[int, bytes | int]]:
+    """Protobuf wire format: (field number, bytes or varint) pairs; fixed-width fields are skipped."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+        elif wire == 2:
+            size = varint()
+            yield number, buf[i : i + size]
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _decode_protobuf_namespace(body: bytes) -> JSON:
+    """kubectl's typed generators send protobuf; ``kubectl create namespace`` is the one worth decoding.
+
+    The envelope is ``k8s\\0`` + runtime.Unknown{typeMeta, raw}; only metadata name, generateName,
+    labels and annotations of a Namespace are read. Anything else is 415, as a JSON-only server would.
+    """
+    hint = "protobuf bodies are unsupported (but for kubectl create namespace): use kubectl apply -f"
+    unsupported = _error(415, "UnsupportedMediaType", hint)
+    try:
+        if not body.startswith(b"k8s\x00"):
+            raise unsupported
+        envelope = dict(_protobuf_fields(body[4:]))
+        type_meta = dict(_protobuf_fields(bytes(envelope.get(1, b""))))
+        if (type_meta.get(1), type_meta.get(2)) != (b"v1", b"Namespace"):
+            raise unsupported
+        namespace = dict(_protobuf_fields(bytes(envelope.get(2, b""))))
+        meta: JSON = {}
+        for number, value in _protobuf_fields(bytes(namespace.get(1, b""))):
+            if number in (1, 2) and isinstance(value, bytes) and value:
+                meta["name" if number == 1 else "generateName"] = value.decode()
+            elif number in (11, 12) and isinstance(value, bytes):
+                entry = dict(_protobuf_fields(value))
+                key, val = bytes(entry.get(1, b"")).decode(), bytes(entry.get(2, b"")).decode()
+                meta.setdefault("labels" if number == 11 else "annotations", {})[key] = val
+    except (IndexError, ValueError, UnicodeDecodeError):
+        raise unsupported from None
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     """KMock's Kubernetes emulator with the semantics real clients rely on.
@@ -523,6 +582,9 @@ class Emulator(kmock.KubernetesEmulator):
     def _body(self, request: kmock.Request, default: JSON | None = None) -> JSON:
         if not request.body and default is not None:
             return default
+        content_type = request.headers.get("Content-Type", "")
+        if "protobuf" in content_type:
+            return _decode_protobuf_namespace(request.body)
         if not isinstance(request.data, dict):
             raise _error(400, "BadRequest", "the request body must be a JSON object")
         return request.data
