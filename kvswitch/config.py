@@ -54,7 +54,7 @@ class VSwitchConfigSpec(BaseModel):
     service_cidr: IPv4CIDR = Field(alias="serviceCIDR")
     overlay_type: OverlayType = Field(alias="overlayType")
     overlay_ip: IPv4Addr = Field(alias="overlayIP")
-    mtu: int | None = Field(default=None, ge=576, le=9216)
+    mtu: int | None = Field(default=None, ge=576, le=9216, strict=True)  # "1450" is refused, as by the CRD
 
     @model_validator(mode="after")
     def _pod_cidr_inside_cluster(self) -> Self:

@@ -9,14 +9,19 @@ import os
 import kopf
 
 
-def _run(module: str, standalone: bool) -> None:
+def _run(module: str, standalone: bool, peering_name: str | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("KVSWITCH_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     importlib.import_module(module)  # registers the handlers
     liveness = os.environ.get("KVSWITCH_LIVENESS_ENDPOINT") or None
-    kopf.run(standalone=standalone, clusterwide=True, liveness_endpoint=liveness)
+    kopf.run(
+        standalone=standalone,
+        clusterwide=True,
+        liveness_endpoint=liveness,
+        **({"peering_name": peering_name} if peering_name else {}),
+    )
 
 
 def agent() -> None:
@@ -26,4 +31,8 @@ def agent() -> None:
 
 def controller() -> None:
     """Peering (unless KVSWITCH_STANDALONE=1) keeps a second replica paused: leader-safe."""
-    _run("kvswitch.handlers.controller", standalone=os.environ.get("KVSWITCH_STANDALONE") == "1")
+    _run(
+        "kvswitch.handlers.controller",
+        standalone=os.environ.get("KVSWITCH_STANDALONE") == "1",
+        peering_name=os.environ.get("KVSWITCH_PEERING_NAME"),  # the chart's ClusterKopfPeering
+    )

@@ -507,11 +507,6 @@ class TestChartMatchesTheCode:
         assert calls[0]["standalone"] is True  # agents never peer
         assert calls[1]["standalone"] is False
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="kvswitch/daemons.py does not pass KVSWITCH_PEERING_NAME to kopf.run(peering_name=...) yet: "
-        "kopf then uses the peering named 'default', which the chart neither creates nor lets it patch",
-    )
     def test_controller_keeps_alive_in_the_charts_peering(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import kopf
 

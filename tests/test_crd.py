@@ -241,12 +241,7 @@ def _invalid_specs() -> list[Any]:
     for sample in INVALID:
         if not expected_error(sample).startswith("spec"):
             continue  # status and root-level samples: not the model's business
-        marks = []
-        if sample.name == "mtu-string.yaml":
-            marks.append(
-                pytest.mark.xfail(strict=True, reason='pydantic coerces mtu "1450" to 1450 (lax mode)')
-            )
-        params.append(pytest.param(sample, id=sample.name, marks=marks))
+        params.append(pytest.param(sample, id=sample.name))
     return params
 
 

@@ -78,7 +78,9 @@ class HostNetwork:
         return proc.stdout
 
     def ensure_forwarding(self) -> None:
-        self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        """Forwarding is a node prerequisite: write it only when off (/proc/sys may be read-only)."""
+        if self._run(["sysctl", "-n", "net.ipv4.ip_forward"]).strip() != "1":
+            self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
 
     def ensure_snat(self, cluster_cidr: str) -> None:
         """Masquerade pod traffic that leaves the cluster CIDR; replaces our nft table atomically."""
