@@ -62,7 +62,7 @@ import yaml
 from kmock._internal.rendering import StreamingError
 
 from kvswitch.testbed.apiserver_patches import PatchError, json_patch, merge_patch, strategic_merge_patch
-from kvswitch.testbed.apiserver_schema import StructuralSchema
+from kvswitch.testbed.apiserver_schema import Cause, StructuralSchema
 from kvswitch.testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
 
 __all__ = [
@@ -523,6 +523,8 @@ class Emulator(kmock.KubernetesEmulator):
         )
         if sub not in allowed:
             raise _error(404, "NotFound", "the server could not find the requested resource")
+        if sub == "binding" and request.method.value.upper() != "POST":
+            raise _error(405, "MethodNotAllowed", "only POST is allowed on pods/binding")
         params = request.params
         dry_run = bool(params.get("dryRun"))
         warnings: list[str] = []
@@ -682,7 +684,7 @@ class Emulator(kmock.KubernetesEmulator):
         gvs = sorted(
             {(r.group or "", r.version or "") for r in self._get_resources() if r.plural and r.version}
         )
-        digest = f"{len(self._specs)}-{len(gvs)}"
+        digest = str(self._rv)  # kubectl caches these documents by hash
         return {
             "paths": {
                 self._gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{self._gv_path(g, v)}?hash={digest}"}
@@ -954,7 +956,11 @@ class Emulator(kmock.KubernetesEmulator):
             except ValueError:
                 raise _error(400, "BadRequest", "invalid continue token") from None
             items = [(k, o) for k, o in items if ((k[0] or ""), k[1]) > after]
-        if (limit := int(params.get("limit") or 0)) and len(items) > limit:
+        try:
+            limit = int(params.get("limit") or 0)
+        except ValueError:
+            raise _error(400, "BadRequest", "limit must be an integer") from None
+        if limit > 0 and len(items) > limit:
             last = items[limit - 1][0]
             meta["continue"] = base64.urlsafe_b64encode(
                 json.dumps([last[0] or "", last[1]]).encode()
@@ -980,24 +986,22 @@ class Emulator(kmock.KubernetesEmulator):
             problem = "may not be '.' or '..' and may not contain '/' or '%'"
         else:
             return
-        self._invalid(spec, name, [("metadata.name", f'Invalid value: "{name}": {problem}')])
-
-    def _invalid(
-        self, spec: ResourceSpec, name: str, causes: list[tuple[str, str]], reason: str = "FieldValueInvalid"
-    ) -> NoReturn:
-        text = ", ".join(f"{field}: {message}" for field, message in causes)
-        text = f"[{text}]" if len(causes) > 1 else text
-        message = (
-            f'{spec.kind}.{spec.group or "core"} "{name}" is invalid: {text}'
-            if spec.group
-            else f'{spec.kind} "{name}" is invalid: {text}'
+        self._invalid(
+            spec, name, [Cause("metadata.name", "FieldValueInvalid", f'Invalid value: "{name}": {problem}')]
         )
+
+    def _invalid(self, spec: ResourceSpec, name: str, causes: list[Cause]) -> NoReturn:
+        """422 Invalid, worded like the API server: ``Kind.group "name" is invalid: field: message``."""
+        text = ", ".join(f"{c.field}: {c.message}" if c.field else c.message for c in causes)
+        text = f"[{text}]" if len(causes) > 1 else text
+        qualified = f"{spec.kind}.{spec.group}" if spec.group else spec.kind
         details = {
             "name": name,
             "group": spec.group,
             "kind": spec.kind,
-            "causes": [{"reason": reason, "message": m, "field": f} for f, m in causes],
+            "causes": [{"reason": c.reason, "message": c.message, "field": c.field} for c in causes],
         }
+        message = f'{qualified} "{name}" is invalid: {text}'
         raise kmock.KubernetesError(status=422, reason="Invalid", message=message, details=details)
 
     def _check_type(self, spec: ResourceSpec, obj: JSON) -> None:
@@ -1033,18 +1037,8 @@ class Emulator(kmock.KubernetesEmulator):
             )
         if unknown and mode == "warn" and warnings is not None:
             warnings.extend(f'unknown field \\"{f}\\"' for f in unknown)
-        causes = spec.schema.validate(obj)
-        if causes:
-            text = ", ".join(f"{c.field}: {c.message}" if c.field else c.message for c in causes)
-            text = f"[{text}]" if len(causes) > 1 else text
-            message = f'{spec.kind}.{spec.group} "{name}" is invalid: {text}'
-            details = {
-                "name": name,
-                "group": spec.group,
-                "kind": spec.kind,
-                "causes": [{"reason": c.reason, "message": c.message, "field": c.field} for c in causes],
-            }
-            raise kmock.KubernetesError(status=422, reason="Invalid", message=message, details=details)
+        if causes := spec.schema.validate(obj):
+            self._invalid(spec, name, causes)
 
     def create_object(
         self,
@@ -1083,12 +1077,8 @@ class Emulator(kmock.KubernetesEmulator):
                     break
             meta["name"] = name
         if not name or not isinstance(name, str):
-            self._invalid(
-                spec,
-                "",
-                [("metadata.name", "Required value: name or generateName is required")],
-                "FieldValueRequired",
-            )
+            required = "Required value: name or generateName is required"
+            self._invalid(spec, "", [Cause("metadata.name", "FieldValueRequired", required)])
         self._check_name(spec, name)
         if (ns, name) in self._live[spec.ref]:
             raise _error(
@@ -1209,12 +1199,10 @@ class Emulator(kmock.KubernetesEmulator):
             ) from None
         if not isinstance(candidate, dict):
             raise _error(422, "Invalid", "the patched object is not a JSON object")
-        if isinstance(ops, dict) or content_type == "application/json-patch+json":
-            # A resourceVersion in the patch itself is a precondition; one left over from the
-            # stored object is not.
-            patch_rv = ((ops.get("metadata") or {}) if isinstance(ops, dict) else {}).get("resourceVersion")
-            if patch_rv is None:
-                _meta(candidate).pop("resourceVersion", None)
+        # A resourceVersion in a merge patch is a precondition; the one copied from the stored object is not.
+        patch_meta = ops.get("metadata") if isinstance(ops, dict) else None
+        if not (isinstance(patch_meta, dict) and patch_meta.get("resourceVersion")):
+            _meta(candidate).pop("resourceVersion", None)
         return self._update(spec, old, candidate, subresource, dry_run, field_validation, warnings)
 
     def _update(
@@ -1283,7 +1271,7 @@ class Emulator(kmock.KubernetesEmulator):
                         "Forbidden: no new finalizers can be added if the object is being deleted, "
                         f"found new finalizers {sorted(added)}"
                     )
-                    self._invalid(spec, name, [("metadata.finalizers", problem)], "FieldValueForbidden")
+                    self._invalid(spec, name, [Cause("metadata.finalizers", "FieldValueForbidden", problem)])
             if spec.ref == CRD_RESOURCE:
                 self._check_crd(new)
                 new["status"] = self._crd_status(new)
@@ -1495,7 +1483,13 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _drain_namespace(self, namespace: str) -> None:
         for spec, key, obj in self._all_live():
-            if spec.namespaced and key[0] == namespace and not obj["metadata"].get("deletionTimestamp"):
+            gone = key not in self._live[spec.ref]  # already cascaded away during this loop
+            if (
+                spec.namespaced
+                and key[0] == namespace
+                and not gone
+                and not obj["metadata"].get("deletionTimestamp")
+            ):
                 self.delete_object(spec, key[0], key[1])
 
     def _finalize_namespace(self, namespace: str) -> None:
@@ -1504,7 +1498,7 @@ class Emulator(kmock.KubernetesEmulator):
         ns_obj = self._live[spec.ref].get((None, namespace))
         if ns_obj is None or not ns_obj["metadata"].get("deletionTimestamp"):
             return
-        if any(s.namespaced and k[0] == namespace for s, k, _ in self._all_live()):
+        if any(key[0] == namespace for objs in self._live.values() for key in objs):
             return
         final = copy.deepcopy(ns_obj)
         final["spec"]["finalizers"] = []
