@@ -555,10 +555,16 @@ async def test_discovery_and_events(http: aiohttp.ClientSession) -> None:
     assert (
         await http.post("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", json=lease)
     ).status == 201
-    policy = {"metadata": {"name": "deny"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
-    assert (
-        await http.post("/apis/networking.k8s.io/v1/namespaces/default/networkpolicies", json=policy)
-    ).status == 201
+    policies = "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies"
+    for name, labels in [("deny", {"team": "a"}), ("allow-dns", {"team": "a"}), ("other", {"team": "b"})]:
+        policy = {"metadata": {"name": name, "labels": labels}, "spec": {"podSelector": {}}}
+        assert (await http.post(policies, json=policy)).status == 201
+    dry = await http.post(f"{policies}?dryRun=All", json={"metadata": {"name": "dry"}, "spec": {}})
+    assert dry.status == 201 and (await http.get(f"{policies}/dry")).status == 404
+    removed = await (await http.delete(f"{policies}?labelSelector=team%3Da")).json()
+    assert sorted(p["metadata"]["name"] for p in removed["items"]) == ["allow-dns", "deny"]
+    left = await (await http.get(policies)).json()
+    assert [p["metadata"]["name"] for p in left["items"]] == ["other"]
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -586,6 +592,23 @@ def test_kubectl(tmp_path: Path) -> None:
         assert kubectl("get", "vsc", "node-a", "-o", "jsonpath={.metadata.uid}").stdout
         assert kubectl("delete", "pod", "web").returncode == 0
         assert api.get("pods", "web", "default") is None
+        # Client-side apply of a built-in: a three-way strategic merge patch with $setElementOrder and
+        # `$patch: delete` list directives, merging containers and env by name.
+        web: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "api", "labels": {"app": "api"}},
+        }
+        env = [{"name": "OLD", "value": "1"}, {"name": "KEEP", "value": "2"}]
+        web["spec"] = {"containers": [{"name": "main", "image": "api:1", "env": env}]}
+        assert kubectl("apply", "-f", "-", stdin=yaml.safe_dump(web)).returncode == 0
+        web["spec"]["containers"][0].update(image="api:2", env=[{"name": "KEEP", "value": "3"}])
+        del web["metadata"]["labels"]
+        assert kubectl("apply", "-f", "-", stdin=yaml.safe_dump(web)).returncode == 0
+        applied = api.get("pods", "api", "default")
+        assert applied is not None and "labels" not in applied["metadata"]
+        expected = [{"name": "main", "image": "api:2", "env": [{"name": "KEEP", "value": "3"}]}]
+        assert applied["spec"]["containers"] == expected
         assert kubectl("create", "namespace", "team").returncode == 0  # a protobuf body
         assert kubectl("run", "db", "-n", "team", "--image=postgres").returncode == 0
         assert kubectl("delete", "namespace", "team", "--timeout=10s").returncode == 0  # waits on a watch
