@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from kvswitch.cni.spec import SUPPORTED_VERSIONS
 from kvswitch.testbed import TestBed, find_leaks
 from kvswitch.testbed.bed import teardown_run
 from kvswitch.testbed.netns import run
+from kvswitch.testbed.ovsproc import process_alive
 from kvswitch.testbed.probes import EchoServer, ping, tcp_echo
 from tests.conftest import new_bed
 
@@ -324,6 +327,33 @@ class TestStatus:
         finally:
             cni.add_bridge()
         expect_ok(cni.call("STATUS", cni.conf()))
+
+
+def test_ovsdb_restart_under_a_running_server(bed: TestBed) -> None:
+    """The server's cached ovsdb connection goes stale: not ready, ADD says try again, then recovery."""
+    node = CniNode(bed)
+    try:
+        expect_ok(node.call("STATUS", node.conf()))
+        pid = node.node.ovs.ovsdb_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        while process_alive(pid):
+            time.sleep(0.01)
+        failed = node.call("STATUS", node.conf())
+        assert failed.error_code == 50 and "Open vSwitch" in failed.json()["msg"], str(failed)
+        pod = node.new_pod()
+        assert node.call("ADD", node.conf(), pod).error_code == 11
+        assert node.host_links() == [] and node.reserved_ips() == {} and node.pod_links(pod) == ["lo"]
+        node.node.ovs.start()  # the database survived; the IDL reconnects by itself
+        deadline = time.monotonic() + 20
+        while not (status := node.call("STATUS", node.conf())).ok and time.monotonic() < deadline:
+            time.sleep(0.2)
+        expect_ok(status)
+        expect_ok(node.call("ADD", node.conf(), pod))
+        expect_ok(node.call("DEL", node.conf(), pod))
+        assert node.leftovers(pod) == {}
+    finally:
+        node.close()
 
 
 # --- GC -------------------------------------------------------------------------------------------

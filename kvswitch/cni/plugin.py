@@ -106,8 +106,15 @@ class Rollback:
 
 
 def fresh(db: AsyncOvsdb) -> Ovsdb:
-    """The IDL after taking in updates already sent to us (runs on the ovsdb thread)."""
+    """The IDL after taking in updates already sent to us (runs on the ovsdb thread).
+
+    A cached connection whose ovsdb went away still holds the old rows: refuse to answer from
+    those (the IDL reconnects by itself; the caller gets "try again later").
+    """
     db.db.refresh()
+    db.db.refresh()  # a broken connection is noticed by one run() and dropped by the next
+    if not db.db.is_connected():
+        raise OvsdbError(f"cannot connect to ovsdb {db.db.remote} (connection lost, reconnecting)")
     return db.db
 
 
@@ -410,13 +417,10 @@ class CniPlugin:
 
         key = (conf.name, env.container_id, env.ifname)
         async with self.attachment(key):
-            results: list[object] = list(
-                await asyncio.gather(
-                    self.ipam_del(req, env.container_id, env.ifname), port(), return_exceptions=True
-                )
-            )
+            jobs = [self.ipam_del(req, env.container_id, env.ifname), port()]
             if not self.defer_veth_delete:
-                results += await asyncio.gather(veth(), return_exceptions=True)
+                jobs.append(veth())
+            results = await asyncio.gather(*jobs, return_exceptions=True)
         if self.defer_veth_delete:
             self._hold(key)
             task = asyncio.create_task(self._deferred_delete(key, veth))
@@ -541,7 +545,10 @@ class CniPlugin:
                 "no pod can be attached, and pods attached before have lost their ports",
             )
         if env.path:
-            plugin = find_plugin(conf.ipam.type, env.path)
+            try:
+                plugin = find_plugin(conf.ipam.type, env.path)
+            except CniError as err:
+                raise CniError(Code.NOT_AVAILABLE, err.msg, err.details) from None
             if await self.ipam.supports(plugin, env.raw, "1.1.0"):
                 await self.ipam.call("STATUS", plugin, env.raw, req.raw, conf.cniVersion)
         return b""
@@ -590,9 +597,13 @@ class CniPlugin:
             await self.ipam.call("GC", plugin, env.raw, req.raw, conf.cniVersion)
         else:
             if conf.ipam.type == HOST_LOCAL:
+                valid_ids = {cid for cid, _ in valid}
                 for alloc in host_local_allocations(req.raw, conf.name):
-                    if not keep(alloc.container_id, alloc.ifname):
+                    if alloc.ifname and not keep(alloc.container_id, alloc.ifname):
                         stale.add((alloc.container_id, alloc.ifname))
+                    elif not alloc.ifname and alloc.container_id not in valid_ids:
+                        # Written by host-local < 0.8 (no ifname): it releases those by ID alone.
+                        stale.add((alloc.container_id, "eth0"))
             results = await asyncio.gather(
                 *(self.ipam_del(req, cid, ifname) for cid, ifname in sorted(stale)), return_exceptions=True
             )

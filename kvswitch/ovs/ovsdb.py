@@ -128,6 +128,10 @@ class Ovsdb:
     def refresh(self) -> None:
         self.idl.run()
 
+    def is_connected(self) -> bool:
+        """True while the session to ovsdb is up; otherwise the rows may be arbitrarily old."""
+        return bool(self.idl._session.is_connected())
+
     def transact(self, build: Callable[[ovs.db.idl.Transaction], None], what: str) -> None:
         """Build and commit one transaction, retrying when the IDL says try-again."""
         deadline = time.monotonic() + self.timeout
