@@ -126,7 +126,13 @@ async def aeventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 
 def declare_vsc(server: ApiServer | ApiServerThread) -> None:
-    server.declare_resource(*VSC, kind="VSwitchConfig", schema=VSC_SCHEMA, short_names=["vsc"])
+    columns = [{"name": "Pod CIDR", "type": "string", "jsonPath": ".spec.podCIDR"}]
+    columns += [
+        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'}
+    ]
+    server.declare_resource(
+        *VSC, kind="VSwitchConfig", schema=VSC_SCHEMA, short_names=["vsc"], printer_columns=columns
+    )
 
 
 @pytest.fixture
@@ -188,6 +194,12 @@ async def test_metadata_namespaces_status_and_conflicts(api: client.ApiClient) -
     ignored = await v1.patch_namespaced_pod("p1", "default", {"status": {"podIP": "1.2.3.4"}})
     assert ignored.status.pod_ip == "10.244.1.5"  # the main resource ignores .status
     assert ignored.metadata.resource_version == patched.metadata.resource_version  # a no-op: no new version
+
+    whole = api.sanitize_for_serialization(patched)
+    whole["status"]["phase"], whole["spec"]["containers"][0]["image"] = "Running", "ignored"
+    running = await v1.replace_namespaced_pod_status("p1", "default", whole)  # PUT /status
+    assert running.status.phase == "Running" and running.spec.containers[0].image == "pause"
+    patched = running
 
     body = api.sanitize_for_serialization(patched)
     body["spec"]["containers"][1]["image"] = "envoy:2"
@@ -577,7 +589,13 @@ def test_kubectl(tmp_path: Path) -> None:
             cmd = ["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={tmp_path / 'cache'}", *args]
             return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=30, check=False)
 
-        assert kubectl("get", "namespaces").stdout.split()[:3] == ["NAME", "AGE", "default"]
+        assert kubectl("get", "namespaces").stdout.split()[:5] == [
+            "NAME",
+            "STATUS",
+            "AGE",
+            "default",
+            "Active",
+        ]
         assert kubectl("apply", "-f", "-", stdin=yaml.safe_dump(vsc("node-a"))).returncode == 0
         assert (
             kubectl("apply", "-f", "-", stdin=yaml.safe_dump(vsc("node-a")))
@@ -590,6 +608,21 @@ def test_kubectl(tmp_path: Path) -> None:
         shown = kubectl("get", "pods", "-l", "app in (web)", "-o", "jsonpath={.items[*].metadata.name}")
         assert shown.stdout == "web"
         assert kubectl("get", "vsc", "node-a", "-o", "jsonpath={.metadata.uid}").stdout
+        ready = [{"type": "Ready", "status": "True"}]
+        api.patch(VSC[2], "node-a", {"status": {"conditions": ready}}, subresource="status")
+        # Server-side tables: the CRD's printer columns, and pods' IP and node with -o wide.
+        assert kubectl("get", "vsc").stdout.split() == [
+            "NAME",
+            "POD",
+            "CIDR",
+            "READY",
+            "node-a",
+            "10.244.1.0/24",
+            "True",
+        ]
+        api.patch("pods", "web", {"status": {"podIP": "10.244.1.7"}}, "default", subresource="status")
+        wide = kubectl("get", "pods", "-o", "wide").stdout.splitlines()
+        assert wide[0].split()[-2:] == ["IP", "NODE"] and wide[1].split()[-2:] == ["10.244.1.7", "<none>"]
         assert kubectl("delete", "pod", "web").returncode == 0
         assert api.get("pods", "web", "default") is None
         # Client-side apply of a built-in: a three-way strategic merge patch with $setElementOrder and

@@ -61,6 +61,7 @@ import kmock
 import yaml
 from kmock._internal.rendering import StreamingError
 
+from kvswitch.testbed import apiserver_tables as tables
 from kvswitch.testbed.apiserver_patches import PatchError, json_patch, merge_patch, strategic_merge_patch
 from kvswitch.testbed.apiserver_schema import Cause, StructuralSchema
 from kvswitch.testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
@@ -203,6 +204,7 @@ class ResourceSpec:
     status_subresource: bool
     schema: StructuralSchema | None = None
     crd_name: str | None = None
+    printer_columns: list[JSON] = dataclasses.field(default_factory=list)  # a CRD's additionalPrinterColumns
 
     @property
     def group(self) -> str:
@@ -215,6 +217,14 @@ class ResourceSpec:
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.ref.version}" if self.group else str(self.ref.version)
+
+    def columns(self) -> list[tables.Column]:
+        if self.crd_name is not None:
+            return tables.printer_columns(self.printer_columns)
+        return list(tables.BUILTIN_COLUMNS.get((self.group, self.plural), [tables.NAME, tables.AGE]))
+
+    def as_table(self, objects: list[JSON], metadata: JSON, params: Mapping[str, str]) -> JSON:
+        return tables.table(self.columns(), objects, metadata, params.get("includeObject", "Metadata"))
 
     @property
     def qualified(self) -> str:
@@ -533,10 +543,17 @@ class Emulator(kmock.KubernetesEmulator):
         result: JSON
         if method == "GET" and _is_watch(params):
             return await self._serve_watch_stream(request, spec, self._filter(spec, ns, name, params))
+        table = tables.wants_table(request.headers.get("Accept", ""))
         if method == "GET" and name is not None:
             result = self.read_object(spec, ns, name)
+            if table:
+                result = spec.as_table(
+                    [result], {"resourceVersion": result["metadata"]["resourceVersion"]}, params
+                )
         elif method == "GET":
             result = self.list_objects(spec, ns, params)
+            if table:
+                result = spec.as_table(result["items"], result["metadata"], params)
         elif method == "POST" and name is not None and sub == "binding" and spec.ref == "v1/pods":
             result, status = self._bind(spec, ns, name, self._body(request)), 201
         elif method == "POST" and name is None and spec.ref == "v1/bindings":  # what schedulers post
@@ -790,6 +807,7 @@ class Emulator(kmock.KubernetesEmulator):
         status_subresource: bool = True,
         schema: Mapping[str, Any] | None = None,
         short_names: Iterable[str] = (),
+        printer_columns: Iterable[Mapping[str, Any]] = (),
     ) -> ResourceSpec:
         """Declare a custom resource by hand (a CRD is created for it); no schema keeps any field."""
         crd = {
@@ -811,6 +829,7 @@ class Emulator(kmock.KubernetesEmulator):
                         "served": True,
                         "storage": True,
                         "subresources": {"status": {}} if status_subresource else {},
+                        "additionalPrinterColumns": [dict(c) for c in printer_columns],
                         "schema": {
                             "openAPIV3Schema": dict(schema)
                             if schema is not None
@@ -891,6 +910,7 @@ class Emulator(kmock.KubernetesEmulator):
                 status_subresource="status" in subresources,
                 schema=StructuralSchema(schema) if schema else None,
                 crd_name=name,
+                printer_columns=list(version.get("additionalPrinterColumns") or []),
             )
         for ref in [r for r, s in self._specs.items() if s.crd_name == name and r not in wanted]:
             self._uninstall(ref)
@@ -1565,7 +1585,11 @@ class Emulator(kmock.KubernetesEmulator):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
 
+        table = tables.wants_table(request.headers.get("Accept", ""))
+
         def line(kind: str, obj: JSON) -> bytes:
+            if table and kind in ("ADDED", "MODIFIED", "DELETED"):  # kubectl get -w: one-row tables
+                obj = spec.as_table([obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, params)
             return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
         try:
