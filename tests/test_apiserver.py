@@ -814,3 +814,47 @@ def test_listening_inside_a_network_namespace() -> None:
         assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
         assert json.loads(payload)["metadata"]["name"] == "node-a"
         assert api.server.errors == []
+
+
+def test_patch_and_selector_helpers() -> None:
+    """The corners the client tests above do not reach: RFC 6902 move/copy, SMP directives, gt/lt."""
+    from kvswitch.testbed.apiserver_patches import PatchError, json_patch, strategic_merge_patch
+    from kvswitch.testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
+
+    doc = {"a": {"b": [1, 2]}, "c": "x"}
+    ops = [
+        {"op": "copy", "from": "/a/b", "path": "/d"},
+        {"op": "move", "from": "/c", "path": "/a/c"},
+        {"op": "add", "path": "/d/1", "value": 9},
+        {"op": "test", "path": "/d", "value": [1, 9, 2]},
+        {"op": "replace", "path": "/a/b/0", "value": True},
+    ]
+    assert json_patch(doc, ops) == {"a": {"b": [True, 2], "c": "x"}, "d": [1, 9, 2]}
+    assert doc == {"a": {"b": [1, 2]}, "c": "x"}  # untouched
+    with pytest.raises(PatchError):
+        json_patch(doc, [{"op": "test", "path": "/a/b/0", "value": True}])  # 1 is not true in JSON
+    with pytest.raises(PatchError):
+        json_patch(doc, [{"op": "remove", "path": "/nope"}])
+
+    pod = {"spec": {"containers": [{"name": "a", "image": "1"}, {"name": "b", "image": "1"}]}, "metadata": {}}
+    patch = {
+        "metadata": {"finalizers": ["x"], "$deleteFromPrimitiveList/finalizers": ["y"]},
+        "spec": {
+            "$setElementOrder/containers": [{"name": "b"}, {"name": "a"}],
+            "containers": [{"name": "a", "$patch": "delete"}, {"name": "b", "image": "2"}, {"name": "c"}],
+        },
+    }
+    merged = strategic_merge_patch(pod, patch)
+    assert merged["spec"]["containers"] == [{"name": "b", "image": "2"}, {"name": "c"}]
+    assert merged["metadata"]["finalizers"] == ["x"]
+    replaced = strategic_merge_patch(pod, {"spec": {"containers": [{"$patch": "replace"}, {"name": "z"}]}})
+    assert replaced["spec"]["containers"] == [{"name": "z"}]
+
+    labels = {"size": "10", "app": "web"}
+    assert LabelSelector.parse("size>5,size<11,app").matches(labels)
+    assert not LabelSelector.parse("size>10").matches(labels)
+    assert not LabelSelector.parse("app notin (web,db)").matches(labels)
+    with pytest.raises(SelectorError):
+        LabelSelector.parse("size>big")
+    assert FieldSelector.parse(r"metadata.name=a\,b").matches({"metadata": {"name": "a,b"}})
+    assert FieldSelector.parse("spec.unschedulable=true").matches({"spec": {"unschedulable": True}})

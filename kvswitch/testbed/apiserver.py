@@ -6,7 +6,8 @@ resources, object history for assertions, the request DSL for injecting faults) 
 parts that real clients trip over (docs/test-bed.md §6): object metadata and resource versions,
 namespaces from URLs, status subresources, PUT and the three PATCH flavours, selectors in list and
 watch, resumable watches with bookmarks, finalizers, garbage collection, namespace draining, CRDs
-with schema validation, and Status errors with the codes clients branch on.
+with schema validation, Status errors with the codes clients branch on, and enough OpenAPI and
+server-side Tables for kubectl (``create -f`` with server-side validation, ``get -o wide``, ``-w``).
 
 Usage, in asyncio::
 
@@ -28,7 +29,8 @@ Inside a node's network namespace (the agents reach the API over the simulated u
 Deliberately absent: authentication and RBAC, admission (incl. namespace existence), server-side apply
 field ownership (apply patches are merge patches that may create), CEL validation rules, conversion
 between CRD versions (each version has its own store), a scheduler, a kubelet (pods are deleted at
-once unless they have finalizers), foreground deletion (treated as background), protobuf and tables.
+once unless they have finalizers), foreground deletion (treated as background), schemas of built-in
+kinds (their unknown fields are kept), and protobuf bodies (but for ``kubectl create namespace``).
 """
 
 from __future__ import annotations

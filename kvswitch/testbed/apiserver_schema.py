@@ -100,7 +100,9 @@ def _register_formats() -> None:
         return not isinstance(value, str) or bool(ipaddress.ip_network(value, strict=False))
 
     def byte(value: object) -> bool:
-        return not isinstance(value, str) or bool(base64.b64decode(value, validate=True) or True)
+        if isinstance(value, str):
+            base64.b64decode(value, validate=True)  # raises binascii.Error
+        return True
 
     def pattern(regex: str) -> Any:
         compiled = re.compile(regex)
