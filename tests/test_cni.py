@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,6 +114,9 @@ class TestAttach:
         assert [f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]] == [ip["address"]]
         assert "default via 10.20.0.1 dev eth0" in run(["ip", "route"], pod.netns).stdout
         assert "tx-checksumming: off" in run(["ethtool", "-k", "eth0"], pod.netns).stdout
+        host_link = json.loads(run(["ip", "-j", "addr", "show", "dev", host_if], cni.node.netns).stdout)[0]
+        assert "NOARP" in host_link["flags"] and "UP" in host_link["flags"] and host_link["mtu"] == 1450
+        assert host_link["addr_info"] == []  # no IPv6 link-local address of its own
         # ... and so does OVS: the port is on k-vswitch0 and says whose it is.
         ids = cni.owned_ports()[host_if]
         assert ids["container-id"] == f"c-{pod.name}" and ids["ifname"] == "eth0"
@@ -151,6 +155,13 @@ class TestAttach:
 
         try:
             assert asyncio.run(probe()) == [True, True, True]
+            # Only the gateway's owner answers ARP for it: the node's kernel stays quiet on the
+            # host veths it also sees the pods' broadcasts on (they are NOARP).
+            arping = run(["arping", "-c", "2", "-w", "3", "-I", "eth0", GATEWAY], pods[0].netns, check=False)
+            bridge_mac = json.loads(run(["ip", "-j", "link", "show", "k-vswitch0"], cni.node.netns).stdout)[0]
+            assert set(re.findall(r"\[([0-9A-F:]{17})\]", arping.stdout.upper())) == {
+                bridge_mac["address"].upper()
+            }, arping.stdout
         finally:
             for p in pods:
                 expect_ok(cni.call("DEL", conf, p))

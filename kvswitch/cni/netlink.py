@@ -148,9 +148,15 @@ def create_veth(
 
 
 def host_side_up(host: Rtnl, host_if: str, alias: str) -> None:
-    """Bring the host end up and label it (the alias lets GC attribute a port-less veth)."""
+    """Bring the host end up as a bare wire into OVS, and label it.
+
+    The userspace datapath reads the veth with a packet socket, so the node's kernel sees the
+    pod's broadcasts too: without NOARP it would answer ARP for the node's own addresses (e.g. a
+    gateway address) behind the flows' back, and without an IPv6 link-local address it sends no
+    IPv6 chatter of its own. The alias lets GC attribute a veth whose port is gone.
+    """
     try:
-        host.set_link(name=host_if, up=True, alias=alias)
+        host.set_link(name=host_if, up=True, noarp=True, alias=alias, ipv6_addr_gen=False)
     except OSError as exc:
         raise kernel_error(f"cannot bring up {host_if}", exc) from None
 

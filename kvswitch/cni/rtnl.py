@@ -28,6 +28,10 @@ IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP = 0x1
+IFF_NOARP = 0x80
+IFLA_AF_SPEC = 26
+IFLA_INET6_ADDR_GEN_MODE = 8
+IN6_ADDR_GEN_MODE_NONE = 1
 IFA_F_NODAD = 0x02
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
@@ -229,13 +233,17 @@ class Rtnl:
         *,
         name: str | None = None,
         up: bool | None = None,
+        noarp: bool | None = None,
         mac: str | None = None,
         alias: str | None = None,
+        ipv6_addr_gen: bool | None = None,
     ) -> None:
         """Change a link found by ``index`` or, when it is 0, by ``name``."""
         flags = change = 0
-        if up is not None:
-            flags, change = (IFF_UP if up else 0), IFF_UP
+        for wanted, bit in ((up, IFF_UP), (noarp, IFF_NOARP)):
+            if wanted is not None:
+                flags |= bit if wanted else 0
+                change |= bit
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
         if not index and name:
             body += attr(IFLA_IFNAME, cstr(name))
@@ -243,6 +251,10 @@ class Rtnl:
             body += attr(IFLA_ADDRESS, mac_bytes(mac))
         if alias is not None:
             body += attr(IFLA_IFALIAS, alias.encode())
+        if ipv6_addr_gen is not None:
+            mode = 0 if ipv6_addr_gen else IN6_ADDR_GEN_MODE_NONE
+            inet6 = nested(socket.AF_INET6, attr(IFLA_INET6_ADDR_GEN_MODE, bytes([mode])))
+            body += nested(IFLA_AF_SPEC, inet6)
         self.request(RTM_NEWLINK, NLM_F_ACK, body)
 
     def delete_link(self, name: str) -> bool:
