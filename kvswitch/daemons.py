@@ -20,7 +20,7 @@ def _run(module: str, standalone: bool, peering_name: str | None = None) -> None
         standalone=standalone,
         clusterwide=True,
         liveness_endpoint=liveness,
-        **({"peering_name": peering_name} if peering_name else {}),
+        peering_name=peering_name,
     )
 
 

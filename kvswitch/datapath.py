@@ -11,13 +11,17 @@ from dataclasses import dataclass
 from kvswitch.config import VSwitchConfigSpec
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.pipeline import (
+    CT_ZONE,
     GATEWAY_MAC,
+    PRIO_ANY_IP,
     PRIO_CLUSTER,
     PRIO_DEFAULT,
     PRIO_GATEWAY,
     PRIO_LOW,
     PRIO_NO_HAIRPIN,
     PRIO_POD,
+    PRIO_POLICY_ESTABLISHED,
+    PRIO_POLICY_NODE,
     PRIO_REMOTE,
     REG_OUT_PORT,
     REG_SOURCE,
@@ -69,76 +73,71 @@ def _goto(table: Table) -> str:
 
 
 def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int) -> list[Flow]:
-    """The pipeline skeleton of this node: defaults, gateway, tunnel, ARP for the gateway."""
+    """The pipeline skeleton of this node: defaults, gateway, tunnel, conntrack, ARP for the gateway."""
     gw = gateway_ofport
     src = REG_SOURCE
+    ct = f"ct(table={int(Table.CT_STATE)},zone={CT_ZONE})"
+    node_ip = spec.overlay_ip
+    from_pod = f"ip,{src}={Source.POD:#x}"
+    from_host = f"ip,{src}={Source.GATEWAY:#x}"
     return [
         # CLASSIFIER
-        Flow(
-            table=Table.CLASSIFIER,
-            priority=PRIO_GATEWAY,
-            match=f"arp,in_port={gw}",
-            actions=_goto(Table.ARP_RESPONDER),
-        ),
-        Flow(
-            table=Table.CLASSIFIER,
-            priority=PRIO_GATEWAY,
-            match=f"ip,in_port={gw}",
-            actions=f"set_field:{Source.GATEWAY:#x}->{src},{_goto(Table.L3_FORWARD)}",
-        ),
-        Flow(
-            table=Table.CLASSIFIER,
-            priority=PRIO_GATEWAY,
-            match=f"ip,in_port={tunnel_ofport}",
-            actions=f"set_field:{Source.TUNNEL:#x}->{src},{_goto(Table.L3_FORWARD)}",
-        ),
+        Flow(table=Table.CLASSIFIER, priority=PRIO_GATEWAY, match=f"arp,in_port={gw}",
+             actions=_goto(Table.ARP_RESPONDER)),
+        Flow(table=Table.CLASSIFIER, priority=PRIO_GATEWAY, match=f"ip,in_port={gw}",
+             actions=f"set_field:{Source.GATEWAY:#x}->{src},{_goto(Table.CONNTRACK)}"),
+        Flow(table=Table.CLASSIFIER, priority=PRIO_GATEWAY, match=f"ip,in_port={tunnel_ofport}",
+             actions=f"set_field:{Source.TUNNEL:#x}->{src},{_goto(Table.CONNTRACK)}"),
         Flow(table=Table.CLASSIFIER, priority=PRIO_DEFAULT, actions="drop"),
         # SPOOF_GUARD: only per-pod allows; the rest is dropped
         Flow(table=Table.SPOOF_GUARD, priority=PRIO_DEFAULT, actions="drop"),
         # ARP_RESPONDER
-        Flow(
-            table=Table.ARP_RESPONDER,
-            priority=PRIO_GATEWAY,
-            match=f"arp,arp_tpa={spec.gateway_ip},arp_op=1",
-            actions=arp_reply(spec.gateway_ip, GATEWAY_MAC),
-        ),
+        Flow(table=Table.ARP_RESPONDER, priority=PRIO_GATEWAY,
+             match=f"arp,arp_tpa={spec.gateway_ip},arp_op=1", actions=arp_reply(spec.gateway_ip, GATEWAY_MAC)),
         # the host resolves any cluster address to the router MAC; L3_FORWARD routes by IP
-        Flow(
-            table=Table.ARP_RESPONDER,
-            priority=PRIO_CLUSTER,
-            match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
-            actions=_arp_reply_any(GATEWAY_MAC),
-        ),
+        Flow(table=Table.ARP_RESPONDER, priority=PRIO_CLUSTER,
+             match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
+             actions=_arp_reply_any(GATEWAY_MAC)),
         Flow(table=Table.ARP_RESPONDER, priority=PRIO_DEFAULT, actions="drop"),
+        # CONNTRACK and CT_STATE
+        Flow(table=Table.CONNTRACK, priority=PRIO_ANY_IP, match="ip", actions=ct),
+        Flow(table=Table.CONNTRACK, priority=PRIO_DEFAULT, actions="drop"),
+        Flow(table=Table.CT_STATE, priority=PRIO_GATEWAY, match="ct_state=+inv+trk,ip", actions="drop"),
+        Flow(table=Table.CT_STATE, priority=PRIO_DEFAULT, actions=_goto(Table.EGRESS)),
+        # EGRESS: replies and established connections never meet a policy; a pod may always
+        # reach its own node; policy rules (kvswitch.policy.flows) sit in between; the rest passes.
+        Flow(table=Table.EGRESS, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip",
+             actions=_goto(Table.L3_FORWARD)),
+        Flow(table=Table.EGRESS, priority=PRIO_POLICY_NODE, match=f"{from_pod},nw_dst={spec.gateway_ip}",
+             actions=_goto(Table.L3_FORWARD)),
+        Flow(table=Table.EGRESS, priority=PRIO_POLICY_NODE, match=f"{from_pod},nw_dst={node_ip}",
+             actions=_goto(Table.L3_FORWARD)),
+        Flow(table=Table.EGRESS, priority=PRIO_DEFAULT, actions=_goto(Table.L3_FORWARD)),
         # L3_FORWARD
-        Flow(
-            table=Table.L3_FORWARD,
-            priority=PRIO_GATEWAY,
-            match=f"ip,nw_dst={spec.gateway_ip}",
-            actions=_to_port(gw, GATEWAY_MAC),
-        ),
-        Flow(
-            table=Table.L3_FORWARD,
-            priority=PRIO_NO_HAIRPIN,
-            match=f"ip,{src}={Source.TUNNEL:#x}",
-            actions="drop",
-        ),  # from the tunnel, only local destinations
-        Flow(
-            table=Table.L3_FORWARD,
-            priority=PRIO_CLUSTER,
-            match=f"ip,nw_dst={spec.cluster_cidr}",
-            actions="drop",
-        ),  # a pod CIDR no node owns
-        Flow(
-            table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{src}={Source.GATEWAY:#x}", actions="drop"
-        ),  # the host sent something it should have routed itself: no loop
-        Flow(
-            table=Table.L3_FORWARD, priority=PRIO_DEFAULT, match="ip", actions=_to_port(gw, GATEWAY_MAC)
-        ),  # services and the outside: via the host (SNAT)
+        Flow(table=Table.L3_FORWARD, priority=PRIO_GATEWAY, match=f"ip,nw_dst={spec.gateway_ip}",
+             actions=_to_port(gw, GATEWAY_MAC)),
+        Flow(table=Table.L3_FORWARD, priority=PRIO_NO_HAIRPIN, match=f"ip,{src}={Source.TUNNEL:#x}",
+             actions="drop"),  # from the tunnel, only local destinations
+        Flow(table=Table.L3_FORWARD, priority=PRIO_CLUSTER, match=f"ip,nw_dst={spec.cluster_cidr}",
+             actions="drop"),  # a pod CIDR no node owns
+        Flow(table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{src}={Source.GATEWAY:#x}",
+             actions="drop"),  # the host sent something it should have routed itself: no loop
+        Flow(table=Table.L3_FORWARD, priority=PRIO_ANY_IP, match="ip",
+             actions=_to_port(gw, GATEWAY_MAC)),  # services and the outside: via the host (SNAT)
         Flow(table=Table.L3_FORWARD, priority=PRIO_DEFAULT, actions="drop"),
-        # OUTPUT
+        # INGRESS: the same shape as EGRESS, for local destinations; the node reaches its pods.
+        Flow(table=Table.INGRESS, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip",
+             actions=_goto(Table.OUTPUT)),
+        Flow(table=Table.INGRESS, priority=PRIO_POLICY_NODE,
+             match=f"{from_host},nw_src={spec.gateway_ip}", actions=_goto(Table.OUTPUT)),
+        Flow(table=Table.INGRESS, priority=PRIO_POLICY_NODE, match=f"{from_host},nw_src={node_ip}",
+             actions=_goto(Table.OUTPUT)),
+        Flow(table=Table.INGRESS, priority=PRIO_DEFAULT, actions=_goto(Table.OUTPUT)),
+        # OUTPUT: whatever got this far as a new connection is committed, so its replies pass.
+        Flow(table=Table.OUTPUT, priority=PRIO_LOW, match="ct_state=+new+trk,ip",
+             actions=f"ct(commit,zone={CT_ZONE}),output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
         Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=f"output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
-    ]
+    ]  # fmt: skip
 
 
 def _arp_reply_any(mac: str) -> str:
@@ -156,11 +155,9 @@ def _arp_reply_any(mac: str) -> str:
     )
 
 
-def _to_port(ofport: int, dst_mac: str, src_mac: str | None = None) -> str:
+def _to_port(ofport: int, dst_mac: str, src_mac: str | None = None, then: Table = Table.OUTPUT) -> str:
     rewrite = f"set_field:{src_mac}->eth_src," if src_mac else ""
-    return (
-        f"{rewrite}set_field:{dst_mac}->eth_dst,set_field:{ofport:#x}->{REG_OUT_PORT},{_goto(Table.OUTPUT)}"
-    )
+    return f"{rewrite}set_field:{dst_mac}->eth_dst,set_field:{ofport:#x}->{REG_OUT_PORT},{_goto(then)}"
 
 
 def pod_flows(pod: LocalPod) -> list[Flow]:
@@ -177,7 +174,7 @@ def pod_flows(pod: LocalPod) -> list[Flow]:
             table=Table.SPOOF_GUARD,
             priority=PRIO_POD,
             match=f"ip,in_port={p},dl_src={pod.mac},nw_src={pod.ip}",
-            actions=_goto(Table.L3_FORWARD),
+            actions=_goto(Table.CONNTRACK),
         ),
         Flow(
             table=Table.SPOOF_GUARD,
@@ -195,13 +192,14 @@ def pod_flows(pod: LocalPod) -> list[Flow]:
             table=Table.L3_FORWARD,
             priority=PRIO_POD,
             match=f"ip,nw_dst={pod.ip}",
-            actions=_to_port(p, pod.mac, GATEWAY_MAC),
+            actions=_to_port(p, pod.mac, GATEWAY_MAC, then=Table.INGRESS),
         ),
     ]
 
 
 def remote_node_flows(node: RemoteNode, tunnel_ofport: int) -> list[Flow]:
-    """Everything for another node's pod CIDR goes into the tunnel towards its overlay IP."""
+    """Everything for another node's pod CIDR goes into the tunnel towards its overlay IP (through
+    OUTPUT, which commits the connection here too: its replies must find it in this node's conntrack)."""
     return [
         Flow(
             table=Table.L3_FORWARD,
@@ -211,7 +209,8 @@ def remote_node_flows(node: RemoteNode, tunnel_ofport: int) -> list[Flow]:
                 f"set_field:{GATEWAY_MAC}->eth_src,"
                 f"set_field:{node.overlay_ip}->tun_dst,"
                 f"set_field:{TUNNEL_KEY:#x}->tun_id,"
-                f"output:{tunnel_ofport}"
+                f"set_field:{tunnel_ofport:#x}->{REG_OUT_PORT},"
+                f"{_goto(Table.OUTPUT)}"
             ),
         )
     ]

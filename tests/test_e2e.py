@@ -260,6 +260,7 @@ class TestLifecycle:
         node.ovs.kill_vswitchd()
         node.ovs.start_vswitchd()
         t0 = time.monotonic()
+        cluster.bed.seed_tunnel_neighbours()  # the test bed's static underlay ARP, lost with the process
         cluster.client.wait_for(
             "flows restored", lambda: sorted(flows(node).splitlines()) == before, 10, 0.05
         )

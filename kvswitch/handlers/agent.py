@@ -2,8 +2,8 @@
 
 Event handlers only (no finalizers, no state annotations): many agents watch the same objects and
 none of them may block another's deletion. The node's own VSwitchConfig drives bridge, gateway,
-tunnel and host routes; every other node's config becomes a tunnel route; Pods of this node (a
-server-side field selector) tell which attachments are gone.
+tunnel and host routes; every other node's config becomes a tunnel route; Pods of this node tell
+which attachments are gone; all Pods, Namespaces and NetworkPolicies feed the policy flows.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import kopf
 from kvswitch.config import GROUP, PLURAL, VERSION, AgentSettings, InvalidConfig, parse_spec
 from kvswitch.kube import VSwitchConfigs, api_client
 from kvswitch.node.agent import NodeAgent
+from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 from kvswitch.status import merge_condition, ready_condition
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ SETTINGS = AgentSettings.from_env()
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.watching.field_selectors["pods"] = f"spec.nodeName={SETTINGS.node_name}"
+    # Pods are watched cluster-wide: NetworkPolicy peers live on every node.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 4
     api = await api_client()
@@ -36,7 +37,23 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # Apply every known config before the old flow round is removed: no window without routes.
     for obj in await configs.list():
         await apply_config(agent, configs, obj)
+    # Policies before the old round goes: a restarted agent never opens an isolated pod.
+    await load_policy_inputs(api, agent)
+    await agent.sync_ports()
+    await agent.apply_policy()
     await agent.finish_startup()
+
+
+async def load_policy_inputs(api: Any, agent: NodeAgent) -> None:
+    from kubernetes_asyncio import client
+
+    core, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
+    for pod in (await core.list_pod_for_all_namespaces()).items:
+        _pod(agent, api.sanitize_for_serialization(pod), deleted=False)
+    for ns in (await core.list_namespace()).items:
+        _namespace(agent, api.sanitize_for_serialization(ns), deleted=False)
+    for pol in (await net.list_network_policy_for_all_namespaces()).items:
+        _policy(agent, api.sanitize_for_serialization(pol), deleted=False)
 
 
 @kopf.on.cleanup()
@@ -107,10 +124,46 @@ async def vswitchconfig_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     await apply_config(memo.agent, memo.configs, obj)
 
 
-@kopf.on.event("pods", field="spec.nodeName", value=SETTINGS.node_name or kopf.ABSENT)
+@kopf.on.event("pods")
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    meta = cast(dict[str, Any], event["object"])["metadata"]
-    if event["type"] == "DELETED":
-        await memo.agent.pod_deleted(meta.get("namespace", ""), meta["name"])
-    else:
-        await memo.agent.pod_present(meta.get("namespace", ""), meta["name"])
+    obj = cast(dict[str, Any], event["object"])
+    deleted = event["type"] == "DELETED"
+    _pod(memo.agent, obj, deleted)
+    meta, node = obj["metadata"], (obj.get("spec") or {}).get("nodeName")
+    if node == SETTINGS.node_name:
+        if deleted:
+            await memo.agent.pod_deleted(meta.get("namespace", ""), meta["name"])
+        else:
+            await memo.agent.pod_present(meta.get("namespace", ""), meta["name"])
+
+
+@kopf.on.event("namespaces")
+async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _namespace(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies")
+async def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _policy(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
+
+
+def _key(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta.get('namespace', '')}/{meta['name']}"
+
+
+def _pod(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
+    agent.set_pod(_key(obj), None if deleted else PodInfo.parse(obj))
+
+
+def _namespace(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
+    agent.set_namespace(obj["metadata"]["name"], None if deleted else NamespaceInfo.parse(obj))
+
+
+def _policy(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
+    try:
+        policy = None if deleted else Policy.parse(obj)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.error("NetworkPolicy %s cannot be parsed, ignoring it: %s", _key(obj), exc)
+        return
+    agent.set_policy(_key(obj), policy)

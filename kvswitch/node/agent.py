@@ -33,11 +33,15 @@ from kvswitch.ovs.pipeline import (
     GATEWAY_OFPORT,
     GATEWAY_PORT,
     NODE_OWNER,
+    POLICY_OWNER,
     TUNNEL_OFPORT,
     TUNNEL_PORT,
     Category,
     Owner,
 )
+from kvswitch.policy.compute import PolicyState
+from kvswitch.policy.flows import ConjIds, policy_flows
+from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,10 @@ class AgentState:
     remotes: dict[str, RemoteNode] = field(default_factory=dict)
     pods: dict[str, LocalPod] = field(default_factory=dict)  # by port name
     deleted_pods: set[tuple[str, str]] = field(default_factory=set)  # (namespace, name)
+    # NetworkPolicy inputs: every pod of the cluster (peers), namespaces and policies
+    api_pods: dict[str, PodInfo] = field(default_factory=dict)
+    namespaces: dict[str, NamespaceInfo] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -121,6 +129,9 @@ class NodeAgent:
         self._lock = asyncio.Lock()
         self.on_ports_changed: Callable[[], None] | None = None
         self.cni_server = CniServer(settings.cni_socket, host_netns=settings.host_netns)
+        self._conj_ids = ConjIds()
+        self._policy_dirty = asyncio.Event()
+        self.policy_applied = 0  # increments each time policy flows were (re)computed and installed
 
     @property
     def db(self) -> AsyncOvsdb:
@@ -149,6 +160,7 @@ class NodeAgent:
             asyncio.create_task(self.reconciler.watch(resync_interval=self.settings.resync_interval))
         )
         self._tasks.append(asyncio.create_task(self._watch_ports()))
+        self._tasks.append(asyncio.create_task(self._policy_loop()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -247,6 +259,7 @@ class NodeAgent:
                 {owner: [f for pod in pods for f in pod_flows(pod)] for owner, pods in changes.items()}
             )
             self.state.pods = wanted
+            self._policy_dirty.set()
             log.info("pods on this node: %d (%d changed)", len(present), len(changes))
         if self.on_ports_changed is not None:
             self.on_ports_changed()
@@ -275,6 +288,62 @@ class NodeAgent:
                         log.exception("syncing pod ports failed")
         finally:
             await watcher.close()
+
+    # --- NetworkPolicy ----------------------------------------------------------------------
+
+    def set_pod(self, key: str, pod: PodInfo | None) -> None:
+        _put(self.state.api_pods, key, pod)
+        self._policy_dirty.set()
+
+    def set_namespace(self, name: str, ns: NamespaceInfo | None) -> None:
+        _put(self.state.namespaces, name, ns)
+        self._policy_dirty.set()
+
+    def set_policy(self, key: str, policy: Policy | None) -> None:
+        _put(self.state.policies, key, policy)
+        self._policy_dirty.set()
+
+    def _local_policy_pods(self) -> list[PodInfo]:
+        """Pods of this node, with the IP the CNI recorded when the API does not know it yet."""
+        by_name = {f"{p.namespace}/{p.name}": p.ip for p in self.state.pods.values()}
+        out = []
+        for pod in self.state.api_pods.values():
+            if pod.node == self.settings.node_name:
+                ip = pod.ip or by_name.get(pod.key)
+                out.append(pod if ip == pod.ip else PodInfo(pod.namespace, pod.name, pod.labels, ip, pod.node,
+                                                            pod.ports))  # fmt: skip
+        return out
+
+    async def apply_policy(self) -> int:
+        """Recompute this node's policy flows from the current objects; only differences reach OVS."""
+        self._policy_dirty.clear()
+        local = self._local_policy_pods()
+        by_key = {p.key: p for p in local}
+        pods = [by_key.get(k, p) for k, p in self.state.api_pods.items()]
+        state = PolicyState.build(pods, self.state.namespaces.values(), self.state.policies.values())
+        flows = policy_flows(state.compute(), local, self._conj_ids)
+        changed = await self.reconciler.set_flows(POLICY_OWNER, flows)
+        self.policy_applied += 1
+        return changed
+
+    async def _policy_loop(self, settle: float = 0.02) -> None:
+        """Coalesce bursts of events (a namespace relabel touches many pods) into one recompute."""
+        while True:
+            await self._policy_dirty.wait()
+            await asyncio.sleep(settle)
+            try:
+                await self.apply_policy()
+            except Exception:
+                log.exception("applying NetworkPolicy failed; will retry on the next change")
+                await asyncio.sleep(1.0)
+                self._policy_dirty.set()
+
+
+def _put(store: dict[str, Any], key: str, value: Any) -> None:
+    if value is None:
+        store.pop(key, None)
+    else:
+        store[key] = value
 
 
 def _snapshot_ports(db: Ovsdb, bridge: str) -> list[PortInfo]:

@@ -34,7 +34,7 @@ class Category(IntEnum):
     NODE = 3  # this node's gateway, tunnel and host routes
     REMOTE_NODE = 4  # one per remote node: its pod CIDR through the tunnel
     POD = 5  # one per local pod: forwarding, ARP, spoof guard
-    POLICY = 6  # NetworkPolicy rules
+    POLICY = 6  # NetworkPolicy: all of this node's policy flows
     TEST = 255  # flows written by tests and benchmarks
 
 
@@ -68,13 +68,17 @@ def cookie_category(cookie: int) -> int:
 
 # --- tables ----------------------------------------------------------------------------------
 class Table(IntEnum):
-    """Packets enter at CLASSIFIER; numbers leave gaps for the policy stages (30-49, 60-69)."""
+    """Packets enter at CLASSIFIER; see docs/pipeline.md."""
 
     CLASSIFIER = 0  # by in_port: gateway, tunnel or a pod port; anything else is dropped
     SPOOF_GUARD = 10  # a pod may send only with its own MAC and IP, and ARP only as itself
     ARP_RESPONDER = 20  # answers every ARP request from flows; no ARP is ever flooded
+    CONNTRACK = 30  # every IP packet goes through conntrack (one zone per node)
+    CT_STATE = 31  # invalid dropped; new → EGRESS; established/related skip policy
+    EGRESS = 40  # NetworkPolicy egress of local pods (first packet of a connection)
     L3_FORWARD = 50  # by destination IP: gateway, local pod, remote pod CIDR (tunnel), external
-    OUTPUT = 70  # sends to the port in REG_OUT_PORT
+    INGRESS = 60  # NetworkPolicy ingress of local pods
+    OUTPUT = 70  # commits new connections, sends to the port in REG_OUT_PORT
     SENTINEL = 253  # holds only the sentinel flow; nothing resubmits here (254 is OVS-internal)
 
 
@@ -96,18 +100,26 @@ GATEWAY_OFPORT = 65001
 TUNNEL_OFPORT = 65000
 GATEWAY_MAC = "02:6b:76:00:00:01"  # the virtual router MAC every pod and the host see
 TUNNEL_KEY = 1  # VNI / GRE key of the pod network
+CT_ZONE = 1  # conntrack zone of pod traffic
 
 # --- priorities ------------------------------------------------------------------------------
 PRIO_DEFAULT = 0
+PRIO_ANY_IP = 1  # just above the table's drop
 PRIO_LOW = 10
 PRIO_CLUSTER = 50
 PRIO_REMOTE = 100
 PRIO_NO_HAIRPIN = 150
 PRIO_POD = 200
 PRIO_GATEWAY = 300
+PRIO_POLICY_ISOLATED = 100  # deny what no rule allows, for isolated pods
+PRIO_POLICY_CONJ = 200  # conjunctive rule matches
+PRIO_POLICY_ALLOW = 250  # rules without peer or port restriction
+PRIO_POLICY_NODE = 300  # a pod and its own node always talk
+PRIO_POLICY_ESTABLISHED = 400
 
 # --- ovsdb external_ids ----------------------------------------------------------------------
 EXT_ROLE = "k-vswitch/role"  # on the gateway and tunnel ports
 
 SENTINEL_OWNER = Owner(Category.SENTINEL, "sentinel")
 NODE_OWNER = Owner(Category.NODE, "local")
+POLICY_OWNER = Owner(Category.POLICY, "rules")

@@ -1,0 +1,1 @@
+"""NetworkPolicy: API objects → rules (cluster-wide computation) → this node's flows."""

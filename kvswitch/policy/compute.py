@@ -1,0 +1,228 @@
+"""Cluster-wide policy computation: which pods each rule applies to, which peers and ports it allows.
+
+Selectors are evaluated through label indexes and memoised by (selector, scope), so a cluster of
+100k pods, 25k namespaces and 75k policies costs one pass over the policies, not policies x pods.
+The output (clauses) is what every node turns into its own flows (:mod:`kvswitch.policy.flows`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvswitch.policy.model import NamespaceInfo, Peer, PodInfo, Policy, PortSpec, Rule, Selector
+
+PortRange = tuple[str, int, int]  # (protocol, first, last); (proto, 0, 65535) = every port
+ALL_PORTS = (0, 65535)
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One conjunction: any of ``targets`` may talk with any of ``peers`` on any of ``ports``."""
+
+    key: str  # stable across recomputations: policy, direction, rule, port group
+    ingress: bool
+    targets: frozenset[str]  # pod keys
+    peers: frozenset[str] | None  # IPs and CIDRs; None = any address
+    ports: frozenset[PortRange] | None  # None = any protocol and port
+
+
+@dataclass
+class PolicyResult:
+    clauses: list[Clause] = field(default_factory=list)
+    ingress_isolated: set[str] = field(default_factory=set)
+    egress_isolated: set[str] = field(default_factory=set)
+
+
+class PolicyState:
+    """Pods, namespaces and policies with the indexes the selectors need."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, PodInfo] = {}
+        self.namespaces: dict[str, NamespaceInfo] = {}
+        self.policies: dict[str, Policy] = {}
+        self._reindex()
+
+    @classmethod
+    def build(
+        cls, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo], policies: Iterable[Policy]
+    ) -> PolicyState:
+        state = cls()
+        state.pods = {p.key: p for p in pods}
+        state.namespaces = {n.name: n for n in namespaces}
+        state.policies = {p.key: p for p in policies}
+        state._reindex()
+        return state
+
+    def _reindex(self) -> None:
+        self._pods_by_ns: dict[str, set[str]] = defaultdict(set)
+        self._pods_by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+        for key, pod in self.pods.items():
+            self._pods_by_ns[pod.namespace].add(key)
+            for k, v in pod.labels:
+                self._pods_by_label[(pod.namespace, k, v)].add(key)
+        self._ns_by_label: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for name, ns in self.namespaces.items():
+            for k, v in ns.labels:
+                self._ns_by_label[(k, v)].add(name)
+        self._memo_ns: dict[Selector, frozenset[str]] = {}
+        self._memo_pods: dict[tuple[Selector, str], frozenset[str]] = {}
+
+    # --- selectors ------------------------------------------------------------------------
+
+    def select_namespaces(self, sel: Selector) -> frozenset[str]:
+        hit = self._memo_ns.get(sel)
+        if hit is None:
+            candidates = _candidates(sel, lambda k, v: self._ns_by_label.get((k, v), set()), self.namespaces)
+            hit = frozenset(n for n in candidates if sel.matches(dict(self.namespaces[n].labels)))
+            self._memo_ns[sel] = hit
+        return hit
+
+    def select_pods(self, sel: Selector, namespace: str) -> frozenset[str]:
+        hit = self._memo_pods.get((sel, namespace))
+        if hit is None:
+            in_ns = self._pods_by_ns.get(namespace, set())
+            candidates = _candidates(
+                sel, lambda k, v: self._pods_by_label.get((namespace, k, v), set()), in_ns
+            )
+            hit = frozenset(p for p in candidates if sel.matches(self.pods[p].label_map))
+            self._memo_pods[(sel, namespace)] = hit
+        return hit
+
+    def peer_pods(self, peer: Peer, policy_ns: str) -> frozenset[str]:
+        namespaces = (
+            [policy_ns]
+            if peer.namespace_selector is None
+            else self.select_namespaces(peer.namespace_selector)
+        )
+        pod_sel = peer.pod_selector or Selector()
+        out: set[str] = set()
+        for ns in namespaces:
+            out |= self.select_pods(pod_sel, ns)
+        return frozenset(out)
+
+    # --- rules ----------------------------------------------------------------------------
+
+    def compute(self) -> PolicyResult:
+        result = PolicyResult()
+        for policy in self.policies.values():
+            targets = self.select_pods(policy.pod_selector, policy.namespace)
+            if not targets:
+                continue
+            if policy.ingress is not None:
+                result.ingress_isolated |= targets
+                for i, rule in enumerate(policy.ingress):
+                    result.clauses += self._ingress(policy, i, rule, targets)
+            if policy.egress is not None:
+                result.egress_isolated |= targets
+                for i, rule in enumerate(policy.egress):
+                    result.clauses += self._egress(policy, i, rule, targets)
+        return result
+
+    def _peer_addresses(self, rule: Rule, policy_ns: str) -> tuple[set[str], set[str]]:
+        """(pod keys, ipBlock CIDRs) of a rule's peers."""
+        pods: set[str] = set()
+        cidrs: set[str] = set()
+        for peer in rule.peers or ():
+            if peer.ip_block is not None:
+                cidrs.update(str(n) for n in peer.ip_block.networks())
+            else:
+                pods |= self.peer_pods(peer, policy_ns)
+        return pods, cidrs
+
+    def _ips(self, pods: Iterable[str]) -> set[str]:
+        return {ip for p in pods if (ip := self.pods[p].ip)}
+
+    def _ingress(self, policy: Policy, index: int, rule: Rule, targets: frozenset[str]) -> list[Clause]:
+        peers: frozenset[str] | None = None
+        if rule.peers is not None:
+            pods, cidrs = self._peer_addresses(rule, policy.namespace)
+            peers = frozenset(self._ips(pods) | cidrs)
+            if not peers:
+                return []
+        base = f"{policy.key}|in|{index}"
+        if rule.ports is None:
+            return [Clause(base, True, targets, peers, None)]
+        # Named ports resolve on each target pod: group targets by what the names mean there.
+        groups: dict[frozenset[PortRange], set[str]] = defaultdict(set)
+        for t in targets:
+            ranges = _resolve(rule.ports, self.pods[t])
+            if ranges:
+                groups[ranges].add(t)
+        return [
+            Clause(f"{base}|{_sig(ports)}", True, frozenset(ts), peers, ports) for ports, ts in groups.items()
+        ]
+
+    def _egress(self, policy: Policy, index: int, rule: Rule, targets: frozenset[str]) -> list[Clause]:
+        base = f"{policy.key}|out|{index}"
+        named = rule.ports is not None and any(isinstance(p.port, str) for p in rule.ports)
+        if rule.peers is None:
+            if rule.ports is None:
+                return [Clause(base, False, targets, None, None)]
+            clauses = []
+            numeric = _resolve(rule.ports, None)
+            if numeric:
+                clauses.append(Clause(f"{base}|{_sig(numeric)}", False, targets, None, numeric))
+            if named:  # any destination pod whose port of that name matches
+                clauses += self._named_egress(base, rule.ports, targets, set(self.pods), numeric)
+            return clauses
+        pods, cidrs = self._peer_addresses(rule, policy.namespace)
+        if rule.ports is None:
+            peers = frozenset(self._ips(pods) | cidrs)
+            return [Clause(base, False, targets, peers, None)] if peers else []
+        numeric = _resolve(rule.ports, None)
+        clauses = []
+        if cidrs and numeric:
+            clauses.append(Clause(f"{base}|cidr|{_sig(numeric)}", False, targets, frozenset(cidrs), numeric))
+        if not named:
+            ips = self._ips(pods)
+            if ips and numeric:
+                clauses.append(Clause(f"{base}|{_sig(numeric)}", False, targets, frozenset(ips), numeric))
+            return clauses
+        return clauses + self._named_egress(base, rule.ports, targets, pods, frozenset())
+
+    def _named_egress(
+        self, base: str, ports: tuple[PortSpec, ...], targets: frozenset[str], peers: Iterable[str],
+        already: frozenset[PortRange],
+    ) -> list[Clause]:  # fmt: skip
+        """Named ports of an egress rule resolve on each destination pod: group destinations."""
+        groups: dict[frozenset[PortRange], set[str]] = defaultdict(set)
+        for p in peers:
+            pod = self.pods[p]
+            if pod.ip:
+                ranges = _resolve(ports, pod) - already
+                if ranges:
+                    groups[ranges].add(pod.ip)
+        return [
+            Clause(f"{base}|named|{_sig(r)}", False, targets, frozenset(ips), r) for r, ips in groups.items()
+        ]
+
+
+def _candidates(sel: Selector, index: object, universe: Iterable[str]) -> Iterable[str]:
+    """Narrow by the first In requirement through the index; the full match filters afterwards."""
+    lookup = index  # Callable[[str, str], set[str]]
+    for req in sel.requirements:
+        if req.operator == "In":
+            out: set[str] = set()
+            for v in req.values:
+                out |= lookup(req.key, v)  # type: ignore[operator]
+            return out
+    return universe
+
+
+def _resolve(ports: tuple[PortSpec, ...], pod: PodInfo | None) -> frozenset[PortRange]:
+    """Port ranges a rule's ports mean for ``pod``; a named port needs a pod, else it matches nothing."""
+    out: set[PortRange] = set()
+    for spec in ports:
+        if spec.port is None:
+            out.add((spec.protocol, *ALL_PORTS))
+        elif isinstance(spec.port, int):
+            out.add((spec.protocol, spec.port, spec.end_port or spec.port))
+        elif pod is not None:
+            out.update((spec.protocol, n, n) for n in pod.resolve(spec.port, spec.protocol))
+    return frozenset(out)
+
+
+def _sig(ports: frozenset[PortRange]) -> str:
+    return ",".join(f"{p}:{a}-{b}" for p, a, b in sorted(ports))
