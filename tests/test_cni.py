@@ -602,6 +602,29 @@ class TestServer:
         assert not find_leaks(bed.run_id).processes
 
 
+def test_standalone_server_process_serves_and_stops_on_sigterm(cni: CniNode) -> None:
+    """``k-vswitch-cni-server`` as its own process (until the agent hosts it)."""
+    path = cni.workdir / "standalone" / "cni.sock"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "k-vswitch-cni-server"), "--socket", str(path),
+         "--host-netns", cni.node.netns, "--log-level", "warning"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not path.exists() and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.05)
+        pod = cni.new_pod()
+        conf = cni.conf(serverSocket=str(path))
+        expect_ok(cni.call("STATUS", conf))  # only a server makes STATUS say "agent reachable"
+        expect_ok(cni.call("ADD", conf, pod))
+        expect_ok(cni.call("DEL", conf, pod))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    assert not path.exists()
+    assert cni.leftovers(pod) == {}
+
+
 def test_an_abandoned_run_with_attachments_leaves_nothing() -> None:
     """Teardown copes with live attachments (a test that died half-way)."""
     bed = new_bed()

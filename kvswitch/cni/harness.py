@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from kvswitch.cni.install import install
@@ -190,21 +187,8 @@ class CniNode:
         return host_ifname(NETWORK, f"c-{pod.name}", ifname)
 
 
-@contextmanager
-def cni_node(bed: TestBed, *, server: bool = True) -> Iterator[CniNode]:
-    node = CniNode(bed, server=server)
-    try:
-        yield node
-    finally:
-        node.close()
-
-
 def tc_qdiscs(netns: str, dev: str) -> str:
     return subprocess.run(
         ["ip", "netns", "exec", netns, "tc", "qdisc", "show", "dev", dev],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
