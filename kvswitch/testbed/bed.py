@@ -151,6 +151,23 @@ class TestBed:
                 if peer is not node:
                     node.ovs.appctl("tnl/neigh/set", PHYS_BRIDGE, peer.underlay_ip, peer.underlay_mac)
 
+    def add_external_host(self, name: str = "ext", index: int = 200) -> tuple[str, str]:
+        """A host on the underlay outside the cluster: (netns, IP). Pods reach it through SNAT."""
+        self._ensure_underlay()
+        ns = f"{self.prefix}-{name}"
+        ip = str(UNDERLAY.network_address + index)
+        create_netns(ns)
+        sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
+        uplink = f"up-{name}"[:15]
+        veth = ["ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", ns]
+        run(veth, self.underlay_ns)
+        run(["ip", "link", "set", uplink, "master", UNDERLAY_BRIDGE, "up"], self.underlay_ns)
+        run(["ethtool", "-K", uplink, "tx", "off"], self.underlay_ns)
+        run(["ip", "addr", "add", f"{ip}/{UNDERLAY.prefixlen}", "dev", "eth0"], ns)
+        run(["ip", "link", "set", "eth0", "up"], ns)
+        run(["ethtool", "-K", "eth0", "tx", "off"], ns)
+        return ns, ip
+
     # --- pods -----------------------------------------------------------------------------
 
     def pod_netns(self, pod_name: str) -> str:

@@ -29,11 +29,12 @@ from kvswitch.node.agent import CONFLIST_NAME
 from kvswitch.testbed.apiserver import ApiServerThread, write_kubeconfig
 from kvswitch.testbed.bed import PHYS_BRIDGE, UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
 from kvswitch.testbed.kubeclient import VSC, KubeClient, pods_path
-from kvswitch.testbed.netns import create_netns, netns_socket, run, sysctl
+from kvswitch.testbed.netns import netns_socket, run
 
 API_IP = str(UNDERLAY.network_address + 1)
 API_PORT = 6443
-EXTERNAL_IP = str(UNDERLAY.network_address + 200)
+EXTERNAL_INDEX = 200
+EXTERNAL_IP = str(UNDERLAY.network_address + EXTERNAL_INDEX)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / "crds" / "kvswitch.io_vswitchconfigs.yaml"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
@@ -138,30 +139,8 @@ class Cluster:
         return self
 
     def _add_external_host(self) -> None:
-        """A host on the underlay outside the cluster: pods reach it only through SNAT."""
-        self.external_ns = f"{self.bed.prefix}-ext"
-        create_netns(self.external_ns)
-        sysctl(self.external_ns, "net.ipv6.conf.all.disable_ipv6", "1")
-        run(
-            [
-                "ip",
-                "link",
-                "add",
-                "up-ext",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                self.external_ns,
-            ],
-            self.bed.underlay_ns,
-        )
-        run(["ip", "link", "set", "up-ext", "master", UNDERLAY_BRIDGE, "up"], self.bed.underlay_ns)
-        run(["ip", "addr", "add", f"{EXTERNAL_IP}/{UNDERLAY.prefixlen}", "dev", "eth0"], self.external_ns)
-        run(["ip", "link", "set", "eth0", "up"], self.external_ns)
-        run(["ethtool", "-K", "eth0", "tx", "off"], self.external_ns)
+        self.external_ns, ip = self.bed.add_external_host("ext", EXTERNAL_INDEX)
+        assert ip == EXTERNAL_IP
 
     def _start_api(self) -> None:
         self.api = ApiServerThread(crds=[CRD_FILE])

@@ -101,7 +101,13 @@ async def tcp_echo(src_netns: str, dst_ip: str, port: int, size: int = 4096, tim
 
 
 async def udp_echo(
-    src_netns: str, dst_ip: str, port: int, size: int = 512, timeout: float = 1.0, attempts: int = 3
+    src_netns: str,
+    dst_ip: str,
+    port: int,
+    size: int = 512,
+    timeout: float = 1.0,
+    attempts: int = 3,
+    bind: str | None = None,
 ) -> bool:
     """Send a datagram and require it echoed; retried because UDP may lose the first packet."""
     payload = secrets.token_bytes(size)
@@ -109,6 +115,8 @@ async def udp_echo(
     sock = netns_socket(src_netns, socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     try:
+        if bind:
+            sock.bind((bind, 0))
         await loop.sock_connect(sock, (dst_ip, port))
         for _ in range(attempts):
             await loop.sock_sendall(sock, payload)
