@@ -82,22 +82,41 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
     from_host = f"ip,{src}={Source.GATEWAY:#x}"
     return [
         # CLASSIFIER
-        Flow(table=Table.CLASSIFIER, priority=PRIO_GATEWAY, match=f"arp,in_port={gw}",
-             actions=_goto(Table.ARP_RESPONDER)),
-        Flow(table=Table.CLASSIFIER, priority=PRIO_GATEWAY, match=f"ip,in_port={gw}",
-             actions=f"set_field:{Source.GATEWAY:#x}->{src},{_goto(Table.CONNTRACK)}"),
-        Flow(table=Table.CLASSIFIER, priority=PRIO_GATEWAY, match=f"ip,in_port={tunnel_ofport}",
-             actions=f"set_field:{Source.TUNNEL:#x}->{src},{_goto(Table.CONNTRACK)}"),
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_GATEWAY,
+            match=f"arp,in_port={gw}",
+            actions=_goto(Table.ARP_RESPONDER),
+        ),
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_GATEWAY,
+            match=f"ip,in_port={gw}",
+            actions=f"set_field:{Source.GATEWAY:#x}->{src},{_goto(Table.CONNTRACK)}",
+        ),
+        Flow(
+            table=Table.CLASSIFIER,
+            priority=PRIO_GATEWAY,
+            match=f"ip,in_port={tunnel_ofport}",
+            actions=f"set_field:{Source.TUNNEL:#x}->{src},{_goto(Table.CONNTRACK)}",
+        ),
         Flow(table=Table.CLASSIFIER, priority=PRIO_DEFAULT, actions="drop"),
         # SPOOF_GUARD: only per-pod allows; the rest is dropped
         Flow(table=Table.SPOOF_GUARD, priority=PRIO_DEFAULT, actions="drop"),
         # ARP_RESPONDER
-        Flow(table=Table.ARP_RESPONDER, priority=PRIO_GATEWAY,
-             match=f"arp,arp_tpa={spec.gateway_ip},arp_op=1", actions=arp_reply(spec.gateway_ip, GATEWAY_MAC)),
+        Flow(
+            table=Table.ARP_RESPONDER,
+            priority=PRIO_GATEWAY,
+            match=f"arp,arp_tpa={spec.gateway_ip},arp_op=1",
+            actions=arp_reply(spec.gateway_ip, GATEWAY_MAC),
+        ),
         # the host resolves any cluster address to the router MAC; L3_FORWARD routes by IP
-        Flow(table=Table.ARP_RESPONDER, priority=PRIO_CLUSTER,
-             match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
-             actions=_arp_reply_any(GATEWAY_MAC)),
+        Flow(
+            table=Table.ARP_RESPONDER,
+            priority=PRIO_CLUSTER,
+            match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
+            actions=_arp_reply_any(GATEWAY_MAC),
+        ),
         Flow(table=Table.ARP_RESPONDER, priority=PRIO_DEFAULT, actions="drop"),
         # CONNTRACK and CT_STATE
         Flow(table=Table.CONNTRACK, priority=PRIO_ANY_IP, match="ip", actions=ct),
@@ -106,38 +125,80 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
         Flow(table=Table.CT_STATE, priority=PRIO_DEFAULT, actions=_goto(Table.EGRESS)),
         # EGRESS: replies and established connections never meet a policy; a pod may always
         # reach its own node; policy rules (kvswitch.policy.flows) sit in between; the rest passes.
-        Flow(table=Table.EGRESS, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip",
-             actions=_goto(Table.L3_FORWARD)),
-        Flow(table=Table.EGRESS, priority=PRIO_POLICY_NODE, match=f"{from_pod},nw_dst={spec.gateway_ip}",
-             actions=_goto(Table.L3_FORWARD)),
-        Flow(table=Table.EGRESS, priority=PRIO_POLICY_NODE, match=f"{from_pod},nw_dst={node_ip}",
-             actions=_goto(Table.L3_FORWARD)),
+        Flow(
+            table=Table.EGRESS,
+            priority=PRIO_POLICY_ESTABLISHED,
+            match="ct_state=-new+trk,ip",
+            actions=_goto(Table.L3_FORWARD),
+        ),
+        Flow(
+            table=Table.EGRESS,
+            priority=PRIO_POLICY_NODE,
+            match=f"{from_pod},nw_dst={spec.gateway_ip}",
+            actions=_goto(Table.L3_FORWARD),
+        ),
+        Flow(
+            table=Table.EGRESS,
+            priority=PRIO_POLICY_NODE,
+            match=f"{from_pod},nw_dst={node_ip}",
+            actions=_goto(Table.L3_FORWARD),
+        ),
         Flow(table=Table.EGRESS, priority=PRIO_DEFAULT, actions=_goto(Table.L3_FORWARD)),
         # L3_FORWARD
-        Flow(table=Table.L3_FORWARD, priority=PRIO_GATEWAY, match=f"ip,nw_dst={spec.gateway_ip}",
-             actions=_to_port(gw, GATEWAY_MAC)),
-        Flow(table=Table.L3_FORWARD, priority=PRIO_NO_HAIRPIN, match=f"ip,{src}={Source.TUNNEL:#x}",
-             actions="drop"),  # from the tunnel, only local destinations
-        Flow(table=Table.L3_FORWARD, priority=PRIO_CLUSTER, match=f"ip,nw_dst={spec.cluster_cidr}",
-             actions="drop"),  # a pod CIDR no node owns
-        Flow(table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{src}={Source.GATEWAY:#x}",
-             actions="drop"),  # the host sent something it should have routed itself: no loop
-        Flow(table=Table.L3_FORWARD, priority=PRIO_ANY_IP, match="ip",
-             actions=_to_port(gw, GATEWAY_MAC)),  # services and the outside: via the host (SNAT)
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_GATEWAY,
+            match=f"ip,nw_dst={spec.gateway_ip}",
+            actions=_to_port(gw, GATEWAY_MAC),
+        ),
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_NO_HAIRPIN,
+            match=f"ip,{src}={Source.TUNNEL:#x}",
+            actions="drop",
+        ),  # from the tunnel, only local destinations
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_CLUSTER,
+            match=f"ip,nw_dst={spec.cluster_cidr}",
+            actions="drop",
+        ),  # a pod CIDR no node owns
+        Flow(
+            table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{src}={Source.GATEWAY:#x}", actions="drop"
+        ),  # the host sent something it should have routed itself: no loop
+        Flow(
+            table=Table.L3_FORWARD, priority=PRIO_ANY_IP, match="ip", actions=_to_port(gw, GATEWAY_MAC)
+        ),  # services and the outside: via the host (SNAT)
         Flow(table=Table.L3_FORWARD, priority=PRIO_DEFAULT, actions="drop"),
         # INGRESS: the same shape as EGRESS, for local destinations; the node reaches its pods.
-        Flow(table=Table.INGRESS, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip",
-             actions=_goto(Table.OUTPUT)),
-        Flow(table=Table.INGRESS, priority=PRIO_POLICY_NODE,
-             match=f"{from_host},nw_src={spec.gateway_ip}", actions=_goto(Table.OUTPUT)),
-        Flow(table=Table.INGRESS, priority=PRIO_POLICY_NODE, match=f"{from_host},nw_src={node_ip}",
-             actions=_goto(Table.OUTPUT)),
+        Flow(
+            table=Table.INGRESS,
+            priority=PRIO_POLICY_ESTABLISHED,
+            match="ct_state=-new+trk,ip",
+            actions=_goto(Table.OUTPUT),
+        ),
+        Flow(
+            table=Table.INGRESS,
+            priority=PRIO_POLICY_NODE,
+            match=f"{from_host},nw_src={spec.gateway_ip}",
+            actions=_goto(Table.OUTPUT),
+        ),
+        Flow(
+            table=Table.INGRESS,
+            priority=PRIO_POLICY_NODE,
+            match=f"{from_host},nw_src={node_ip}",
+            actions=_goto(Table.OUTPUT),
+        ),
         Flow(table=Table.INGRESS, priority=PRIO_DEFAULT, actions=_goto(Table.OUTPUT)),
         # OUTPUT: whatever got this far as a new connection is committed, so its replies pass.
-        Flow(table=Table.OUTPUT, priority=PRIO_LOW, match="ct_state=+new+trk,ip",
-             actions=f"ct(commit,zone={CT_ZONE}),output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
+        Flow(
+            table=Table.OUTPUT,
+            priority=PRIO_LOW,
+            match="ct_state=+new+trk,ip",
+            actions=f"ct(commit,zone={CT_ZONE}),output:NXM_NX_{REG_OUT_PORT.upper()}[]",
+        ),
         Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=f"output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
-    ]  # fmt: skip
+    ]
 
 
 def _arp_reply_any(mac: str) -> str:

@@ -52,20 +52,33 @@ class PolicyBed:
         for ip in ref.DEFAULT_EXTERNAL[1:]:
             run(["ip", "addr", "add", f"{ip}/{UNDERLAY.prefixlen}", "dev", "eth0"], self.ext_ns)
         specs = {
-            n.name: parse_spec({
-                "clusterCIDR": CLUSTER_CIDR, "podCIDR": f"10.244.{n.index}.0/24", "serviceCIDR": "10.96.0.0/12",
-                "overlayType": "vxlan", "overlayIP": n.underlay_ip,
-            })
+            n.name: parse_spec(
+                {
+                    "clusterCIDR": CLUSTER_CIDR,
+                    "podCIDR": f"10.244.{n.index}.0/24",
+                    "serviceCIDR": "10.96.0.0/12",
+                    "overlayType": "vxlan",
+                    "overlayIP": n.underlay_ip,
+                }
+            )
             for n in self.bed.nodes.values()
-        }  # fmt: skip
+        }
         for node in self.bed.nodes.values():
             run(["ip", "route", "add", f"10.244.{node.index}.0/24", "via", node.underlay_ip], self.ext_ns)
             d = self.bed.workdir / node.name
-            agent = NodeAgent(AgentSettings(
-                node_name=node.name, ovsdb=node.ovs.db_remote, ovs_rundir=str(node.ovs.workdir),
-                datapath_type="netdev", host_netns=node.netns, cni_conf_dir=str(d / "net.d"),
-                cni_bin_dir=str(d / "cni-bin"), cni_socket=str(d / "cni.sock"), ipam_data_dir=str(d / "ipam"),
-            ))  # fmt: skip
+            agent = NodeAgent(
+                AgentSettings(
+                    node_name=node.name,
+                    ovsdb=node.ovs.db_remote,
+                    ovs_rundir=str(node.ovs.workdir),
+                    datapath_type="netdev",
+                    host_netns=node.netns,
+                    cni_conf_dir=str(d / "net.d"),
+                    cni_bin_dir=str(d / "cni-bin"),
+                    cni_socket=str(d / "cni.sock"),
+                    ipam_data_dir=str(d / "ipam"),
+                )
+            )
             await agent.start()
             await agent.apply_local(specs[node.name])
             for other, spec in specs.items():
@@ -97,13 +110,17 @@ class PolicyBed:
         returns how many flow changes each agent sent."""
         changed = []
         for agent in self.agents.values():
-            agent.state.api_pods = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": PodInfo.parse(p)
-                                    for p in cluster.pods}  # fmt: skip
+            agent.state.api_pods = {
+                f"{p['metadata']['namespace']}/{p['metadata']['name']}": PodInfo.parse(p)
+                for p in cluster.pods
+            }
             agent.state.namespaces = {
                 n["metadata"]["name"]: NamespaceInfo.parse(n) for n in cluster.namespaces
             }
-            agent.state.policies = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": Policy.parse(p)
-                                    for p in cluster.policies}  # fmt: skip
+            agent.state.policies = {
+                f"{p['metadata']['namespace']}/{p['metadata']['name']}": Policy.parse(p)
+                for p in cluster.policies
+            }
             changed.append(await agent.apply_policy())
         return changed
 
@@ -233,8 +250,13 @@ def _policy(ns: str, name: str, spec: dict[str, Any]) -> Any:
 async def _scenario(pbed: PolicyBed, tag: str, pods: list[Any], policies: list[Any]) -> ref.Cluster:
     node_ips = {n.name: pbed.gateway_ip(n) for n in pbed.bed.nodes.values()}
     namespaces = sorted({p["metadata"]["namespace"] for p in pods})
-    cluster = ref.Cluster(namespaces=[_ns(n) for n in namespaces], pods=pods, policies=policies, node_ips=node_ips,
-                          external=list(ref.DEFAULT_EXTERNAL))  # fmt: skip
+    cluster = ref.Cluster(
+        namespaces=[_ns(n) for n in namespaces],
+        pods=pods,
+        policies=policies,
+        node_ips=node_ips,
+        external=list(ref.DEFAULT_EXTERNAL),
+    )
     for pod in pods:
         pod["status"]["podIP"] = await pbed.add_pod(pod)
     await pbed.apply(cluster)
@@ -255,14 +277,25 @@ async def test_replies_pass_even_when_the_replier_is_isolated_both_ways(pbed: Po
     client = _pod("rep", "client", "node1", {"role": "client"})
     server = _pod("rep", "server", "node2", {"role": "server"})
     isolate_all = _policy("rep", "deny-all", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
-    allow = _policy("rep", "client-to-server", {
-        "podSelector": {"matchLabels": {"role": "server"}},
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": 8080}]}],
-    })  # fmt: skip
-    allow_out = _policy("rep", "client-out", {
-        "podSelector": {"matchLabels": {"role": "client"}}, "policyTypes": ["Egress"],
-        "egress": [{"to": [{"podSelector": {"matchLabels": {"role": "server"}}}]}],
-    })  # fmt: skip
+    allow = _policy(
+        "rep",
+        "client-to-server",
+        {
+            "podSelector": {"matchLabels": {"role": "server"}},
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": 8080}]}
+            ],
+        },
+    )
+    allow_out = _policy(
+        "rep",
+        "client-out",
+        {
+            "podSelector": {"matchLabels": {"role": "client"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": {"matchLabels": {"role": "server"}}}]}],
+        },
+    )
     cluster = await _scenario(pbed, "rep", [client, server], [isolate_all, allow, allow_out])
     # the server may send nothing new, yet its replies (TCP and UDP) reach the client
     assert await _tcp(pbed, cluster, _ip(client), _ip(server), 8080)
@@ -287,9 +320,14 @@ async def test_named_port_means_a_different_number_on_each_pod(pbed: PolicyBed) 
     a = _pod("named", "a", "node1", {"app": "web"}, [{"name": "http", "containerPort": 8080}])
     b = _pod("named", "b", "node2", {"app": "web"}, [{"name": "http", "containerPort": 9090}])
     c = _pod("named", "c", "node1", {"app": "client"})
-    policy = _policy("named", "http-only", {
-        "podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"ports": [{"port": "http"}]}],
-    })  # fmt: skip
+    policy = _policy(
+        "named",
+        "http-only",
+        {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"ports": [{"port": "http"}]}],
+        },
+    )
     cluster = await _scenario(pbed, "named", [a, b, c], [policy])
     assert await _tcp(pbed, cluster, _ip(c), _ip(a), 8080)
     assert not await _tcp(pbed, cluster, _ip(c), _ip(a), 9090)
@@ -299,10 +337,14 @@ async def test_named_port_means_a_different_number_on_each_pod(pbed: PolicyBed) 
 
 async def test_ipblock_except_carves_out_addresses(pbed: PolicyBed) -> None:
     web = _pod("blk", "web", "node1", {"app": "web"})
-    policy = _policy("blk", "ext", {
-        "podSelector": {},
-        "ingress": [{"from": [{"ipBlock": {"cidr": "10.250.0.192/26", "except": ["10.250.0.200/30"]}}]}],
-    })  # fmt: skip
+    policy = _policy(
+        "blk",
+        "ext",
+        {
+            "podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.250.0.192/26", "except": ["10.250.0.200/30"]}}]}],
+        },
+    )
     cluster = await _scenario(pbed, "blk", [web], [policy])
     assert not await _tcp(pbed, cluster, "10.250.0.201", _ip(web), 8080)  # inside the except
     assert await _tcp(pbed, cluster, "10.250.0.205", _ip(web), 8080)
@@ -334,10 +376,16 @@ async def test_policy_edit_keeps_established_connections_and_stops_new_ones(pbed
 
 async def test_label_change_rewrites_only_the_affected_flows(pbed: PolicyBed) -> None:
     pods = [_pod("inc", f"p{i}", f"node{1 + i % 2}", {"app": "db" if i < 4 else "web"}) for i in range(8)]
-    policy = _policy("inc", "db", {
-        "podSelector": {"matchLabels": {"app": "db"}},
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 5432}]}],
-    })  # fmt: skip
+    policy = _policy(
+        "inc",
+        "db",
+        {
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 5432}]}
+            ],
+        },
+    )
     cluster = await _scenario(pbed, "inc", pods, [policy])
     node1 = pbed.bed.nodes["node1"]
     before = set(node1.ovs.ofctl("dump-flows", "--no-stats", "k-vswitch0").stdout.splitlines())

@@ -183,9 +183,13 @@ class PolicyState:
         return clauses + self._named_egress(base, rule.ports, targets, pods, frozenset())
 
     def _named_egress(
-        self, base: str, ports: tuple[PortSpec, ...], targets: frozenset[str], peers: Iterable[str],
+        self,
+        base: str,
+        ports: tuple[PortSpec, ...],
+        targets: frozenset[str],
+        peers: Iterable[str],
         already: frozenset[PortRange],
-    ) -> list[Clause]:  # fmt: skip
+    ) -> list[Clause]:
         """Named ports of an egress rule resolve on each destination pod: group destinations."""
         groups: dict[frozenset[PortRange], set[str]] = defaultdict(set)
         for p in peers:
