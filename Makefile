@@ -43,6 +43,7 @@ bench: setup
 	$(PY) bench/testbed.py
 	$(PY) bench/flows.py
 	$(PY) bench/cni.py
+	$(PY) bench/policy.py
 
 sandbox: setup
 	$(VENV)/bin/kvswitchctl sandbox
