@@ -68,6 +68,7 @@ class PolicyState:
                 self._ns_by_label[(k, v)].add(name)
         self._memo_ns: dict[Selector, frozenset[str]] = {}
         self._memo_pods: dict[tuple[Selector, str], frozenset[str]] = {}
+        self._memo_peer: dict[tuple[Peer, str | None], tuple[frozenset[str], frozenset[str]]] = {}
 
     # --- selectors ------------------------------------------------------------------------
 
@@ -91,16 +92,22 @@ class PolicyState:
         return hit
 
     def peer_pods(self, peer: Peer, policy_ns: str) -> frozenset[str]:
-        namespaces = (
-            [policy_ns]
-            if peer.namespace_selector is None
-            else self.select_namespaces(peer.namespace_selector)
-        )
-        pod_sel = peer.pod_selector or Selector()
-        out: set[str] = set()
-        for ns in namespaces:
-            out |= self.select_pods(pod_sel, ns)
-        return frozenset(out)
+        return self._peer_sets(peer, policy_ns)[0]
+
+    def _peer_sets(self, peer: Peer, policy_ns: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(pod keys, pod IPs) of a selector peer; shared by every policy with the same peer (a
+        namespaceSelector peer does not depend on the policy's namespace), like address groups."""
+        scope = policy_ns if peer.namespace_selector is None else None
+        hit = self._memo_peer.get((peer, scope))
+        if hit is None:
+            ns_sel = peer.namespace_selector
+            namespaces = [policy_ns] if ns_sel is None else self.select_namespaces(ns_sel)
+            pod_sel = peer.pod_selector or Selector()
+            parts = [self.select_pods(pod_sel, ns) for ns in namespaces]
+            pods = parts[0] if len(parts) == 1 else frozenset().union(*parts)
+            hit = (pods, frozenset(ip for p in pods if (ip := self.pods[p].ip)))
+            self._memo_peer[(peer, scope)] = hit
+        return hit
 
     # --- rules ----------------------------------------------------------------------------
 
@@ -120,25 +127,32 @@ class PolicyState:
                     result.clauses += self._egress(policy, i, rule, targets)
         return result
 
-    def _peer_addresses(self, rule: Rule, policy_ns: str) -> tuple[set[str], set[str]]:
-        """(pod keys, ipBlock CIDRs) of a rule's peers."""
-        pods: set[str] = set()
-        cidrs: set[str] = set()
-        for peer in rule.peers or ():
-            if peer.ip_block is not None:
-                cidrs.update(str(n) for n in peer.ip_block.networks())
-            else:
-                pods |= self.peer_pods(peer, policy_ns)
-        return pods, cidrs
+    def _peer_addresses(
+        self, rule: Rule, policy_ns: str
+    ) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        """(pod keys, pod IPs, ipBlock CIDRs) of a rule's peers; a single peer's sets are shared."""
+        selectors = [p for p in rule.peers or () if p.ip_block is None]
+        cidrs = frozenset(
+            str(n) for p in rule.peers or () if p.ip_block is not None for n in p.ip_block.networks()
+        )
+        sets = [self._peer_sets(p, policy_ns) for p in selectors]
+        if len(sets) == 1:
+            return sets[0][0], sets[0][1], cidrs
+        return (
+            frozenset().union(*(s[0] for s in sets)),
+            frozenset().union(*(s[1] for s in sets)),
+            cidrs,
+        )
 
-    def _ips(self, pods: Iterable[str]) -> set[str]:
-        return {ip for p in pods if (ip := self.pods[p].ip)}
+    @staticmethod
+    def _join(ips: frozenset[str], cidrs: frozenset[str]) -> frozenset[str]:
+        return ips if not cidrs else cidrs if not ips else ips | cidrs
 
     def _ingress(self, policy: Policy, index: int, rule: Rule, targets: frozenset[str]) -> list[Clause]:
         peers: frozenset[str] | None = None
         if rule.peers is not None:
-            pods, cidrs = self._peer_addresses(rule, policy.namespace)
-            peers = frozenset(self._ips(pods) | cidrs)
+            _, ips, cidrs = self._peer_addresses(rule, policy.namespace)
+            peers = self._join(ips, cidrs)
             if not peers:
                 return []
         base = f"{policy.key}|in|{index}"
@@ -167,18 +181,17 @@ class PolicyState:
             if named:  # any destination pod whose port of that name matches
                 clauses += self._named_egress(base, rule.ports, targets, set(self.pods), numeric)
             return clauses
-        pods, cidrs = self._peer_addresses(rule, policy.namespace)
+        pods, ips, cidrs = self._peer_addresses(rule, policy.namespace)
         if rule.ports is None:
-            peers = frozenset(self._ips(pods) | cidrs)
+            peers = self._join(ips, cidrs)
             return [Clause(base, False, targets, peers, None)] if peers else []
         numeric = _resolve(rule.ports, None)
         clauses = []
         if cidrs and numeric:
-            clauses.append(Clause(f"{base}|cidr|{_sig(numeric)}", False, targets, frozenset(cidrs), numeric))
+            clauses.append(Clause(f"{base}|cidr|{_sig(numeric)}", False, targets, cidrs, numeric))
         if not named:
-            ips = self._ips(pods)
             if ips and numeric:
-                clauses.append(Clause(f"{base}|{_sig(numeric)}", False, targets, frozenset(ips), numeric))
+                clauses.append(Clause(f"{base}|{_sig(numeric)}", False, targets, ips, numeric))
             return clauses
         return clauses + self._named_egress(base, rule.ports, targets, pods, frozenset())
 
