@@ -550,6 +550,30 @@ class TestEntryPoint:
             assert cni.leftovers(pod) == {}
         stale.unlink()
 
+    def test_server_dying_mid_call_is_try_again_not_a_second_attempt(self, cni: CniNode) -> None:
+        """A server that took the request and died: the call may be half-done there, so the
+        plugin must not redo it in-process; it says "try again later" in the caller's version."""
+        path = cni.workdir / "dies.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def take_and_die() -> None:
+            conn, _ = listener.accept()
+            while conn.recv(65536):
+                pass
+            conn.close()
+
+        pod = cni.new_pod()
+        with ThreadPoolExecutor(1) as pool:
+            dying = pool.submit(take_and_die)
+            failed = cni.call("ADD", cni.conf(version="1.0.0", serverSocket=str(path)), pod)
+            dying.result(10)
+        listener.close()
+        path.unlink()
+        assert failed.error_code == 11 and failed.json()["cniVersion"] == "1.0.0", str(failed)
+        assert cni.leftovers(pod) == {}
+
     def test_console_script_answers_version(self) -> None:
         script = Path(sys.executable).parent / "k-vswitch-cni"
         proc = subprocess.run(

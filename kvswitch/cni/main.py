@@ -15,13 +15,18 @@ import sys
 from kvswitch.cni import client, spec
 
 
-def server_socket(stdin: bytes) -> str:
-    """The socket named by the netconf's ``serverSocket`` ("" disables the server)."""
+def peek(stdin: bytes) -> dict[str, object]:
+    """The netconf as far as this thin layer needs it ({} when it does not decode)."""
     try:
         conf = spec.loads(stdin.decode())
     except (ValueError, UnicodeDecodeError):
-        return spec.DEFAULT_SERVER_SOCKET
-    path = conf.get("serverSocket") if isinstance(conf, dict) else None
+        return {}
+    return conf if isinstance(conf, dict) else {}
+
+
+def server_socket(conf: dict[str, object]) -> str:
+    """The socket named by the netconf's ``serverSocket`` ("" disables the server)."""
+    path = conf.get("serverSocket")
     return path if isinstance(path, str) else spec.DEFAULT_SERVER_SOCKET
 
 
@@ -46,7 +51,8 @@ def handle(env: dict[str, str], stdin: bytes) -> client.Reply:
             return client.Reply(0, spec.version_reply(stdin).encode() + b"\n")
         except spec.CniError as err:
             return client.Reply(1, err.to_json().encode() + b"\n")
-    path = server_socket(stdin)
+    conf = peek(stdin)
+    path = server_socket(conf)
     if path:
         try:
             return client.call(path, env, stdin)
@@ -56,7 +62,10 @@ def handle(env: dict[str, str], stdin: bytes) -> client.Reply:
             lost = spec.CniError(
                 spec.Code.TRY_AGAIN_LATER, "lost the connection to the k-vswitch CNI server", str(exc)
             )
-            return client.Reply(1, lost.to_json().encode() + b"\n")
+            version = conf.get("cniVersion")
+            return client.Reply(
+                1, lost.to_json(version if isinstance(version, str) else None).encode() + b"\n"
+            )
     return run_in_process(env, stdin)
 
 
