@@ -129,10 +129,11 @@ def naive_seconds(namespaces: int, pods_per_ns: int, policies_per_ns: int, sampl
                 ns_ok = {
                     n
                     for n, ns in nss.items()
-                    if (peer.namespace_selector is None
-                    and n == pol.namespace)
-                    or (peer.namespace_selector is not None
-                    and peer.namespace_selector.matches(dict(ns.labels)))
+                    if (peer.namespace_selector is None and n == pol.namespace)
+                    or (
+                        peer.namespace_selector is not None
+                        and peer.namespace_selector.matches(dict(ns.labels))
+                    )
                 }
                 sel = peer.pod_selector
                 [p for p in pods if p.namespace in ns_ok and (sel is None or sel.matches(p.label_map))]
