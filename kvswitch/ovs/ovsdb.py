@@ -86,6 +86,17 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+def _set_keys(row: Any, column: str, values: Mapping[str, str | None]) -> None:
+    """Set the keys of a map column; None removes a key. Unchanged keys are not written."""
+    current = getattr(row, column)
+    for k, v in values.items():
+        if v is None:
+            if k in current:
+                row.delkey(column, k)
+        elif current.get(k) != v:
+            row.setkey(column, k, v)
+
+
 def _merge_map(row: Any, column: str, values: Mapping[str, str] | None) -> None:
     current = getattr(row, column)
     for k, v in (values or {}).items():
@@ -361,12 +372,7 @@ class Ovsdb:
             row = self._named(table, name)
             if row is None:
                 raise OvsdbError(f"{table} {name} does not exist")
-            for k, v in values.items():
-                if v is None:
-                    if k in row.external_ids:
-                        row.delkey("external_ids", k)
-                elif row.external_ids.get(k) != v:
-                    row.setkey("external_ids", k, v)
+            _set_keys(row, "external_ids", values)
 
         self.transact(build, f"set external_ids on {table} {name}")
 
@@ -374,13 +380,7 @@ class Ovsdb:
         """Open_vSwitch other_config, e.g. ``flow-restore-wait``."""
 
         def build(txn: ovs.db.idl.Transaction) -> None:
-            root = self._root()
-            for k, v in values.items():
-                if v is None:
-                    if k in root.other_config:
-                        root.delkey("other_config", k)
-                elif root.other_config.get(k) != v:
-                    root.setkey("other_config", k, v)
+            _set_keys(self._root(), "other_config", values)
 
         self.transact(build, "set other_config")
 

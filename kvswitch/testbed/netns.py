@@ -8,17 +8,14 @@ from and to any number of namespaces without forking a process per probe.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import os
 import socket
 import subprocess
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvswitch.cni.runner import in_netns as in_thread_netns
+
 NETNS_DIR = Path("/var/run/netns")
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CommandError(RuntimeError):
@@ -109,25 +106,4 @@ def netns_socket(
     netns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
 ) -> socket.socket:
     """Open a socket that lives in network namespace ``netns``."""
-    result: list[socket.socket | BaseException] = []
-
-    def enter_and_open() -> None:
-        try:
-            fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(socket.socket(family, type, proto))
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=enter_and_open, name=f"setns-{netns}")
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    return in_thread_netns(netns, lambda: socket.socket(family, type, proto))
