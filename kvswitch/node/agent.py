@@ -321,7 +321,8 @@ class NodeAgent:
         by_key = {p.key: p for p in local}
         pods = [by_key.get(k, p) for k, p in self.state.api_pods.items()]
         state = PolicyState.build(pods, self.state.namespaces.values(), self.state.policies.values())
-        flows = policy_flows(state.compute(), local, self._conj_ids)
+        result = state.compute(namespaces={p.namespace for p in local})
+        flows = policy_flows(result, local, self._conj_ids)
         changed = await self.reconciler.set_flows(POLICY_OWNER, flows)
         self.policy_applied += 1
         return changed

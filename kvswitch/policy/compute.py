@@ -111,9 +111,14 @@ class PolicyState:
 
     # --- rules ----------------------------------------------------------------------------
 
-    def compute(self) -> PolicyResult:
+    def compute(self, namespaces: Iterable[str] | None = None) -> PolicyResult:
+        """All clauses, or only those of policies in ``namespaces``: a policy selects pods of its own
+        namespace only, so a node needs just the namespaces its pods live in."""
         result = PolicyResult()
+        wanted = None if namespaces is None else set(namespaces)
         for policy in self.policies.values():
+            if wanted is not None and policy.namespace not in wanted:
+                continue
             targets = self.select_pods(policy.pod_selector, policy.namespace)
             if not targets:
                 continue
