@@ -18,7 +18,7 @@ import pytest
 
 from kvswitch.ovs.pipeline import GATEWAY_PORT, TUNNEL_PORT, cookie_round
 from kvswitch.testbed import Node
-from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster, ClusterPod
+from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster
 from kvswitch.testbed.kubeclient import VSC, ApiError
 from kvswitch.testbed.netns import arun, netns_socket, run
 from kvswitch.testbed.probes import full_matrix, ping, tcp_echo
@@ -331,6 +331,3 @@ def _lacks(node: Node, cidr: str) -> bool:
 def _round_changed(node: Node, old: set[int]) -> bool:
     rounds = {cookie_round(int(c, 16)) for c in re.findall(r"cookie=(0x[0-9a-f]+)", flows(node))}
     return bool(rounds) and rounds.isdisjoint(old)
-
-
-__all__ = ["ClusterPod"]

@@ -8,7 +8,7 @@ The output (clauses) is what every node turns into its own flows (:mod:`kvswitch
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kvswitch.policy.model import NamespaceInfo, Peer, PodInfo, Policy, PortSpec, Rule, Selector
@@ -221,14 +221,15 @@ class PolicyState:
         ]
 
 
-def _candidates(sel: Selector, index: object, universe: Iterable[str]) -> Iterable[str]:
+def _candidates(
+    sel: Selector, lookup: Callable[[str, str], set[str]], universe: Iterable[str]
+) -> Iterable[str]:
     """Narrow by the first In requirement through the index; the full match filters afterwards."""
-    lookup = index  # Callable[[str, str], set[str]]
     for req in sel.requirements:
         if req.operator == "In":
             out: set[str] = set()
             for v in req.values:
-                out |= lookup(req.key, v)  # type: ignore[operator]
+                out |= lookup(req.key, v)
             return out
     return universe
 

@@ -19,7 +19,7 @@ from kvswitch.ovs.pipeline import (
     PRIO_POLICY_ISOLATED,
     Table,
 )
-from kvswitch.policy.compute import Clause, PolicyResult, PortRange
+from kvswitch.policy.compute import PolicyResult, PortRange
 from kvswitch.policy.model import PodInfo
 
 PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
@@ -129,6 +129,3 @@ def _dedupe(flows: list[Flow]) -> list[Flow]:
     for f in flows:
         seen.setdefault(f.key, f)
     return list(seen.values())
-
-
-__all__ = ["Clause", "ConjIds", "policy_flows", "port_matches", "range_masks"]

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kvswitch.cni.runner import Attachment, ConfList, Plugins, netns_path
-from kvswitch.config import GROUP, KIND, PLURAL, VERSION
 from kvswitch.node.agent import CONFLIST_NAME
 from kvswitch.testbed.apiserver import ApiServerThread, write_kubeconfig
-from kvswitch.testbed.bed import PHYS_BRIDGE, UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
+from kvswitch.testbed.bed import UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
 from kvswitch.testbed.kubeclient import VSC, KubeClient, pods_path
 from kvswitch.testbed.netns import netns_socket, run
 
@@ -333,6 +332,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-__all__ = ["GROUP", "KIND", "PHYS_BRIDGE", "PLURAL", "VERSION", "Cluster", "ClusterPod"]
