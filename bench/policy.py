@@ -157,12 +157,7 @@ def flow_counts() -> None:
         print(f"   {n:>5} {m:>5} {p:>4} {len(flows):>7} {n + m + p:>7} {n * m * p:>10}")
 
 
-def node_view(pods: Any, nss: Any, pols: Any, local: list[PodInfo]) -> PolicyResult:
-    """What an agent computes on a change: the whole index, the policies of its pods' namespaces."""
-    return PolicyState.build(pods, nss, pols).compute(namespaces={p.namespace for p in local})
-
-
-async def change_latency(filler: int, repeat: int) -> None:
+async def change_latency(filler: int, repeat: int, namespaces: int) -> None:
     with TestBed() as bed:
         node = bed.add_node()
         db = Ovsdb(node.ovs.db_remote)
@@ -185,17 +180,16 @@ async def change_latency(filler: int, repeat: int) -> None:
                 for o in range(filler // 10)
             }
         )
-        objs = antrea_shape(200, 5, 3)  # 1000 pods; this node hosts node-7's
-        for p in objs["pods"]:
-            p["spec"]["nodeName"] = f"node-{hash(p['metadata']['namespace']) % 10}"
+        objs = antrea_shape(namespaces, 4, 3)  # pods spread over 1000 nodes; this node is node-7
         pods = [PodInfo.parse(p) for p in objs["pods"]]
         nss = [NamespaceInfo.parse(n) for n in objs["namespaces"]]
         pols = {p.key: p for p in (Policy.parse(x) for x in objs["policies"])}
         local = [p for p in pods if p.node == "node-7"]
         ids = ConjIds()
-        await rec.set_flows(
-            POLICY_OWNER, policy_flows(node_view(pods, nss, pols.values(), local), local, ids)
-        )
+        # The agent keeps one PolicyState and updates it in place on every event.
+        state = PolicyState.build(pods, nss, pols.values())
+        local_ns = {p.namespace for p in local}
+        await rec.set_flows(POLICY_OWNER, policy_flows(state.compute(namespaces=local_ns), local, ids))
         ours, floor, sizes = [], [], []
         for r in range(repeat):
             ns = local[r % len(local)].namespace
@@ -216,7 +210,8 @@ async def change_latency(filler: int, repeat: int) -> None:
             pols[edited.key] = edited
             before = {f.key: f for f in rec.desired(POLICY_OWNER)}
             t0 = time.perf_counter()
-            flows = policy_flows(node_view(pods, nss, pols.values(), local), local, ids)
+            state.set_policy(edited.key, edited)
+            flows = policy_flows(state.compute(namespaces=local_ns), local, ids)
             n = await rec.set_flows(POLICY_OWNER, flows)
             ours.append(time.perf_counter() - t0)
             sizes.append(n)
@@ -270,7 +265,7 @@ def main() -> None:
         f"ratio ours/naive {elapsed / naive:.4f}"
     )
     flow_counts()
-    asyncio.run(change_latency(args.filler_flows, args.repeat))
+    asyncio.run(change_latency(args.filler_flows, args.repeat, args.namespaces))
 
 
 if __name__ == "__main__":

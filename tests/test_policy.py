@@ -110,17 +110,11 @@ class PolicyBed:
         returns how many flow changes each agent sent."""
         changed = []
         for agent in self.agents.values():
-            agent.state.api_pods = {
-                f"{p['metadata']['namespace']}/{p['metadata']['name']}": PodInfo.parse(p)
-                for p in cluster.pods
-            }
-            agent.state.namespaces = {
-                n["metadata"]["name"]: NamespaceInfo.parse(n) for n in cluster.namespaces
-            }
-            agent.state.policies = {
-                f"{p['metadata']['namespace']}/{p['metadata']['name']}": Policy.parse(p)
-                for p in cluster.policies
-            }
+            agent.replace_policy_inputs(
+                [PodInfo.parse(p) for p in cluster.pods],
+                [NamespaceInfo.parse(n) for n in cluster.namespaces],
+                [Policy.parse(p) for p in cluster.policies],
+            )
             changed.append(await agent.apply_policy())
         return changed
 

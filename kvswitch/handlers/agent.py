@@ -48,12 +48,21 @@ async def load_policy_inputs(api: Any, agent: NodeAgent) -> None:
     from kubernetes_asyncio import client
 
     core, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
-    for pod in (await core.list_pod_for_all_namespaces()).items:
-        _pod(agent, api.sanitize_for_serialization(pod), deleted=False)
-    for ns in (await core.list_namespace()).items:
-        _namespace(agent, api.sanitize_for_serialization(ns), deleted=False)
-    for pol in (await net.list_network_policy_for_all_namespaces()).items:
-        _policy(agent, api.sanitize_for_serialization(pol), deleted=False)
+    pods = [
+        PodInfo.parse(api.sanitize_for_serialization(p))
+        for p in (await core.list_pod_for_all_namespaces()).items
+    ]
+    nss = [
+        NamespaceInfo.parse(api.sanitize_for_serialization(n)) for n in (await core.list_namespace()).items
+    ]
+    policies = []
+    for obj in (await net.list_network_policy_for_all_namespaces()).items:
+        raw = api.sanitize_for_serialization(obj)
+        try:
+            policies.append(Policy.parse(raw))
+        except (KeyError, ValueError, TypeError) as exc:
+            log.error("NetworkPolicy %s cannot be parsed, ignoring it: %s", _key(raw), exc)
+    agent.replace_policy_inputs(pods, nss, policies)
 
 
 @kopf.on.cleanup()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -130,6 +131,8 @@ class NodeAgent:
         self.on_ports_changed: Callable[[], None] | None = None
         self.cni_server = CniServer(settings.cni_socket, host_netns=settings.host_netns)
         self._conj_ids = ConjIds()
+        self.policy_state = PolicyState()
+        self._local_keys: set[str] = set()
         self._policy_dirty = asyncio.Event()
         self.policy_applied = 0  # increments each time policy flows were (re)computed and installed
 
@@ -293,37 +296,56 @@ class NodeAgent:
 
     def set_pod(self, key: str, pod: PodInfo | None) -> None:
         _put(self.state.api_pods, key, pod)
+        if pod is not None and pod.node == self.settings.node_name:
+            self._local_keys.add(key)
+        else:
+            self._local_keys.discard(key)
+        self.policy_state.set_pod(key, self._effective(key))
         self._policy_dirty.set()
 
     def set_namespace(self, name: str, ns: NamespaceInfo | None) -> None:
         _put(self.state.namespaces, name, ns)
+        self.policy_state.set_namespace(name, ns)
         self._policy_dirty.set()
 
     def set_policy(self, key: str, policy: Policy | None) -> None:
         _put(self.state.policies, key, policy)
+        self.policy_state.set_policy(key, policy)
         self._policy_dirty.set()
 
-    def _local_policy_pods(self) -> list[PodInfo]:
-        """Pods of this node, with the IP the CNI recorded when the API does not know it yet."""
-        by_name = {f"{p.namespace}/{p.name}": p.ip for p in self.state.pods.values()}
-        out = []
-        for pod in self.state.api_pods.values():
-            if pod.node == self.settings.node_name:
-                ip = pod.ip or by_name.get(pod.key)
-                out.append(pod if ip == pod.ip else PodInfo(pod.namespace, pod.name, pod.labels, ip, pod.node,
-                                                            pod.ports))  # fmt: skip
-        return out
+    def replace_policy_inputs(
+        self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[Policy]
+    ) -> None:
+        """Start over from a full listing (agent start-up, tests)."""
+        self.state.api_pods = {p.key: p for p in pods}
+        self.state.namespaces = {n.name: n for n in namespaces}
+        self.state.policies = {p.key: p for p in policies}
+        self._local_keys = {p.key for p in pods if p.node == self.settings.node_name}
+        effective = [e for k in self.state.api_pods if (e := self._effective(k)) is not None]
+        self.policy_state = PolicyState.build(effective, namespaces, policies)
+        self._policy_dirty.set()
+
+    def _effective(self, key: str) -> PodInfo | None:
+        """The API's pod, with the IP the CNI recorded while the API does not know it yet."""
+        pod = self.state.api_pods.get(key)
+        if pod is None or pod.ip or key not in self._local_keys:
+            return pod
+        ip = next((p.ip for p in self.state.pods.values() if f"{p.namespace}/{p.name}" == key), None)
+        return pod if ip is None else dataclasses.replace(pod, ip=ip)
+
+    def _refresh_local_ips(self) -> None:
+        for key in self._local_keys:
+            pod = self._effective(key)
+            if pod != self.policy_state.pods.get(key):
+                self.policy_state.set_pod(key, pod)
 
     async def apply_policy(self) -> int:
-        """Recompute this node's policy flows from the current objects; only differences reach OVS."""
+        """Recompute the policies of this node's namespaces; only flow differences reach OVS."""
         self._policy_dirty.clear()
-        local = self._local_policy_pods()
-        by_key = {p.key: p for p in local}
-        pods = [by_key.get(k, p) for k, p in self.state.api_pods.items()]
-        state = PolicyState.build(pods, self.state.namespaces.values(), self.state.policies.values())
-        result = state.compute(namespaces={p.namespace for p in local})
-        flows = policy_flows(result, local, self._conj_ids)
-        changed = await self.reconciler.set_flows(POLICY_OWNER, flows)
+        self._refresh_local_ips()
+        local = [p for k in self._local_keys if (p := self.policy_state.pods.get(k)) is not None]
+        result = self.policy_state.compute(namespaces={p.namespace for p in local})
+        changed = await self.reconciler.set_flows(POLICY_OWNER, policy_flows(result, local, self._conj_ids))
         self.policy_applied += 1
         return changed
 

@@ -67,8 +67,50 @@ class PolicyState:
             for k, v in ns.labels:
                 self._ns_by_label[(k, v)].add(name)
         self._memo_ns: dict[Selector, frozenset[str]] = {}
-        self._memo_pods: dict[tuple[Selector, str], frozenset[str]] = {}
-        self._memo_peer: dict[tuple[Peer, str | None], tuple[frozenset[str], frozenset[str]]] = {}
+        self._memo_pods: dict[str, dict[Selector, frozenset[str]]] = defaultdict(dict)  # by namespace
+        self._memo_peer: dict[str | None, dict[Peer, tuple[frozenset[str], frozenset[str]]]] = defaultdict(
+            dict
+        )
+
+    # --- incremental updates: fix the indexes, forget only the memos that may have changed ------
+
+    def set_pod(self, key: str, pod: PodInfo | None) -> None:
+        old = self.pods.pop(key, None)
+        if old is not None:
+            self._pods_by_ns[old.namespace].discard(key)
+            for k, v in old.labels:
+                self._pods_by_label[(old.namespace, k, v)].discard(key)
+            self._forget(old.namespace)
+        if pod is not None:
+            self.pods[key] = pod
+            self._pods_by_ns[pod.namespace].add(key)
+            for k, v in pod.labels:
+                self._pods_by_label[(pod.namespace, k, v)].add(key)
+            self._forget(pod.namespace)
+
+    def set_namespace(self, name: str, ns: NamespaceInfo | None) -> None:
+        old = self.namespaces.pop(name, None)
+        if old is not None:
+            for k, v in old.labels:
+                self._ns_by_label[(k, v)].discard(name)
+        if ns is not None:
+            self.namespaces[name] = ns
+            for k, v in ns.labels:
+                self._ns_by_label[(k, v)].add(name)
+        self._memo_ns.clear()
+        self._memo_peer.pop(None, None)
+
+    def set_policy(self, key: str, policy: Policy | None) -> None:
+        if policy is None:
+            self.policies.pop(key, None)
+        else:
+            self.policies[key] = policy
+
+    def _forget(self, namespace: str) -> None:
+        """A pod of ``namespace`` changed: its selections, and every namespaceSelector peer."""
+        self._memo_pods.pop(namespace, None)
+        self._memo_peer.pop(namespace, None)
+        self._memo_peer.pop(None, None)
 
     # --- selectors ------------------------------------------------------------------------
 
@@ -81,14 +123,15 @@ class PolicyState:
         return hit
 
     def select_pods(self, sel: Selector, namespace: str) -> frozenset[str]:
-        hit = self._memo_pods.get((sel, namespace))
+        memo = self._memo_pods[namespace]
+        hit = memo.get(sel)
         if hit is None:
             in_ns = self._pods_by_ns.get(namespace, set())
             candidates = _candidates(
                 sel, lambda k, v: self._pods_by_label.get((namespace, k, v), set()), in_ns
             )
             hit = frozenset(p for p in candidates if sel.matches(self.pods[p].label_map))
-            self._memo_pods[(sel, namespace)] = hit
+            memo[sel] = hit
         return hit
 
     def peer_pods(self, peer: Peer, policy_ns: str) -> frozenset[str]:
@@ -98,7 +141,8 @@ class PolicyState:
         """(pod keys, pod IPs) of a selector peer; shared by every policy with the same peer (a
         namespaceSelector peer does not depend on the policy's namespace), like address groups."""
         scope = policy_ns if peer.namespace_selector is None else None
-        hit = self._memo_peer.get((peer, scope))
+        memo = self._memo_peer[scope]
+        hit = memo.get(peer)
         if hit is None:
             ns_sel = peer.namespace_selector
             namespaces = [policy_ns] if ns_sel is None else self.select_namespaces(ns_sel)
@@ -106,7 +150,7 @@ class PolicyState:
             parts = [self.select_pods(pod_sel, ns) for ns in namespaces]
             pods = parts[0] if len(parts) == 1 else frozenset().union(*parts)
             hit = (pods, frozenset(ip for p in pods if (ip := self.pods[p].ip)))
-            self._memo_peer[(peer, scope)] = hit
+            memo[peer] = hit
         return hit
 
     # --- rules ----------------------------------------------------------------------------
