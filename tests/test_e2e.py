@@ -84,6 +84,48 @@ class TestOverlay:
             assert cfg["metadata"]["ownerReferences"][0]["kind"] == "Node"
 
 
+class TestController:
+    def test_user_edit_of_the_overlay_survives_the_controller(self, cluster: Cluster) -> None:
+        gen = cluster.edit_vswitchconfig("node2", {"mtu": 1400})
+        cluster.client.wait_for("node2 Ready with mtu", functools.partial(cluster.ready, "node2", gen), 30)
+        # the controller reconciles node2 again (a Node change), and must leave the user's mtu alone
+        cluster.client.patch("/api/v1/nodes/node2", {"metadata": {"labels": {"touched": "yes"}}})
+        time.sleep(1.0)
+        spec = (cluster.vswitchconfig("node2") or {})["spec"]
+        assert spec.get("mtu") == 1400
+        mtu = run(["cat", "/sys/class/net/kvs-gw0/mtu"], cluster.bed.nodes["node2"].netns).stdout.strip()
+        assert mtu == "1400"
+        gen = cluster.edit_vswitchconfig("node2", {"mtu": None})
+        cluster.client.wait_for("node2 Ready", functools.partial(cluster.ready, "node2", gen), 30)
+
+    def test_node_without_pod_cidr_gets_an_event_then_a_config(self, cluster: Cluster) -> None:
+        cluster.client.create(
+            "/api/v1/nodes",
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": "late"},
+                "status": {"addresses": [{"type": "InternalIP", "address": "10.250.0.99"}]},
+            },
+        )
+        try:
+
+            def pending_event() -> bool:
+                events = cluster.client.list("/api/v1/events") + cluster.client.list(
+                    "/apis/events.k8s.io/v1/events"
+                )
+                return any(e.get("reason") == "VSwitchConfigPending" and "late" in str(e) for e in events)
+
+            cluster.client.wait_for("VSwitchConfigPending event", pending_event, 20)
+            assert cluster.vswitchconfig("late") is None
+            cluster.client.patch("/api/v1/nodes/late", {"spec": {"podCIDR": "10.244.99.0/24"}})
+            cfg = cluster.client.wait_for("VSwitchConfig late", lambda: cluster.vswitchconfig("late"), 20)
+            assert cfg["spec"]["podCIDR"] == "10.244.99.0/24" and cfg["spec"]["overlayIP"] == "10.250.0.99"
+        finally:
+            cluster.delete_node_named("late")
+            cluster.client.wait_for("late config gone", lambda: cluster.vswitchconfig("late") is None, 20)
+
+
 class TestPaths:
     def test_pod_to_gateway_remote_pod_and_node(self, cluster: Cluster) -> None:
         p = cluster.pods[("default", "node1-p0")]

@@ -8,6 +8,7 @@ commits every new connection that got through.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
@@ -69,8 +70,11 @@ def range_masks(lo: int, hi: int) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=65536)
 def _addr(value: str) -> str | None:
     """OVS match value for an IP or CIDR; None for 0.0.0.0/0 (matches without a field)."""
+    if "/" not in value:
+        return value  # a pod IP: the hot path, 100k of them per recompute at scale
     net = ipaddress.IPv4Network(value, strict=False)
     if net.prefixlen == 0:
         return None

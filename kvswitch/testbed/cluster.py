@@ -309,7 +309,10 @@ class Cluster:
         self.pods.pop((cp.namespace, cp.name), None)
 
     def delete_node(self, node: Node) -> None:
-        self.client.delete(f"/api/v1/nodes/{node.name}")
+        self.delete_node_named(node.name)
+
+    def delete_node_named(self, name: str) -> None:
+        self.client.delete(f"/api/v1/nodes/{name}")
 
     # --- stop -----------------------------------------------------------------------------
 
