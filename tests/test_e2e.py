@@ -18,10 +18,10 @@ import pytest
 
 from kvswitch.ovs.pipeline import GATEWAY_PORT, TUNNEL_PORT, cookie_round
 from kvswitch.testbed import Node
-from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster
+from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster, ClusterPod
 from kvswitch.testbed.kubeclient import VSC, ApiError
 from kvswitch.testbed.netns import arun, netns_socket, run
-from kvswitch.testbed.probes import full_matrix, ping, tcp_echo
+from kvswitch.testbed.probes import EchoServer, full_matrix, ping, tcp_echo
 from tests.conftest import register_run
 
 BR = "k-vswitch0"
@@ -240,6 +240,43 @@ class TestArpAndSpoofing:
         assert asyncio.run(ping(p.netns, target.ip))
 
 
+class TestNetworkPolicyThroughTheApi:
+    def test_policy_created_and_deleted_through_the_api_is_enforced_by_the_agents(
+        self, cluster: Cluster
+    ) -> None:
+        server = cluster.pods[("default", "node2-p0")]  # labels app=a0
+        friend = cluster.pods[("default", "node1-p1")]  # app=a1
+        stranger = cluster.pods[("default", "node3-p0")]  # app=a0
+        path = "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies"
+
+        async def reach(src: ClusterPod) -> bool:
+            server_task = await EchoServer(server.netns, server.ip, 7100).start()
+            try:
+                return await tcp_echo(src.netns, server.ip, 7100, size=64, timeout=1.0)
+            finally:
+                await server_task.stop()
+
+        assert asyncio.run(reach(stranger))
+        cluster.client.create(
+            path,
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "a0-from-a1", "namespace": "default"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "a0"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a1"}}}]}],
+                },
+            },
+        )
+        try:
+            cluster.client.wait_for("stranger denied", lambda: not asyncio.run(reach(stranger)), 20, 0.2)
+            assert asyncio.run(reach(friend))
+        finally:
+            cluster.client.delete(f"{path}/a0-from-a1")
+        cluster.client.wait_for("stranger allowed again", lambda: asyncio.run(reach(stranger)), 20, 0.2)
+
+
 class TestLifecycle:
     def test_pod_deleted_takes_its_flows_with_it(self, cluster: Cluster) -> None:
         node = cluster.bed.nodes["node3"]
@@ -279,8 +316,6 @@ class TestLifecycle:
             )
             result = await pinger
             return result.stdout, all(await asyncio.gather(*streams))
-
-        from kvswitch.testbed.probes import EchoServer
 
         async def with_server() -> tuple[str, bool]:
             server = await EchoServer(dst.netns, dst.ip, 7777).start()
