@@ -123,27 +123,12 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
         Flow(table=Table.CONNTRACK, priority=PRIO_DEFAULT, actions="drop"),
         Flow(table=Table.CT_STATE, priority=PRIO_GATEWAY, match="ct_state=+inv+trk,ip", actions="drop"),
         Flow(table=Table.CT_STATE, priority=PRIO_DEFAULT, actions=_goto(Table.EGRESS)),
-        # EGRESS: replies and established connections never meet a policy; a pod may always
-        # reach its own node; policy rules (kvswitch.policy.flows) sit in between; the rest passes.
-        Flow(
-            table=Table.EGRESS,
-            priority=PRIO_POLICY_ESTABLISHED,
-            match="ct_state=-new+trk,ip",
-            actions=_goto(Table.L3_FORWARD),
+        # EGRESS: a pod may always reach its own node (gateway or node IP)
+        *_policy_stage(
+            Table.EGRESS,
+            Table.L3_FORWARD,
+            [f"{from_pod},nw_dst={spec.gateway_ip}", f"{from_pod},nw_dst={node_ip}"],
         ),
-        Flow(
-            table=Table.EGRESS,
-            priority=PRIO_POLICY_NODE,
-            match=f"{from_pod},nw_dst={spec.gateway_ip}",
-            actions=_goto(Table.L3_FORWARD),
-        ),
-        Flow(
-            table=Table.EGRESS,
-            priority=PRIO_POLICY_NODE,
-            match=f"{from_pod},nw_dst={node_ip}",
-            actions=_goto(Table.L3_FORWARD),
-        ),
-        Flow(table=Table.EGRESS, priority=PRIO_DEFAULT, actions=_goto(Table.L3_FORWARD)),
         # L3_FORWARD
         Flow(
             table=Table.L3_FORWARD,
@@ -170,26 +155,12 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             table=Table.L3_FORWARD, priority=PRIO_ANY_IP, match="ip", actions=_to_port(gw, GATEWAY_MAC)
         ),  # services and the outside: via the host (SNAT)
         Flow(table=Table.L3_FORWARD, priority=PRIO_DEFAULT, actions="drop"),
-        # INGRESS: the same shape as EGRESS, for local destinations; the node reaches its pods.
-        Flow(
-            table=Table.INGRESS,
-            priority=PRIO_POLICY_ESTABLISHED,
-            match="ct_state=-new+trk,ip",
-            actions=_goto(Table.OUTPUT),
+        # INGRESS: the node reaches its pods (kubelet probes)
+        *_policy_stage(
+            Table.INGRESS,
+            Table.OUTPUT,
+            [f"{from_host},nw_src={spec.gateway_ip}", f"{from_host},nw_src={node_ip}"],
         ),
-        Flow(
-            table=Table.INGRESS,
-            priority=PRIO_POLICY_NODE,
-            match=f"{from_host},nw_src={spec.gateway_ip}",
-            actions=_goto(Table.OUTPUT),
-        ),
-        Flow(
-            table=Table.INGRESS,
-            priority=PRIO_POLICY_NODE,
-            match=f"{from_host},nw_src={node_ip}",
-            actions=_goto(Table.OUTPUT),
-        ),
-        Flow(table=Table.INGRESS, priority=PRIO_DEFAULT, actions=_goto(Table.OUTPUT)),
         # OUTPUT: whatever got this far as a new connection is committed, so its replies pass.
         Flow(
             table=Table.OUTPUT,
@@ -198,6 +169,19 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             actions=f"ct(commit,zone={CT_ZONE}),output:NXM_NX_{REG_OUT_PORT.upper()}[]",
         ),
         Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=f"output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
+    ]
+
+
+def _policy_stage(table: Table, then: Table, exempt: list[str]) -> list[Flow]:
+    """The fixed flows of a policy table: replies and established connections never meet a
+    policy, the node exemption, and a pass-through default; rules (kvswitch.policy.flows) and the
+    isolation drops sit between them."""
+    return [
+        Flow(
+            table=table, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip", actions=_goto(then)
+        ),
+        *(Flow(table=table, priority=PRIO_POLICY_NODE, match=m, actions=_goto(then)) for m in exempt),
+        Flow(table=table, priority=PRIO_DEFAULT, actions=_goto(then)),
     ]
 
 
