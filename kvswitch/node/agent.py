@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,10 +111,8 @@ class AgentState:
     remotes: dict[str, RemoteNode] = field(default_factory=dict)
     pods: dict[str, LocalPod] = field(default_factory=dict)  # by port name
     deleted_pods: set[tuple[str, str]] = field(default_factory=set)  # (namespace, name)
-    # NetworkPolicy inputs: every pod of the cluster (peers), namespaces and policies
+    # every pod of the cluster as the API reports it (namespaces and policies live in PolicyState)
     api_pods: dict[str, PodInfo] = field(default_factory=dict)
-    namespaces: dict[str, NamespaceInfo] = field(default_factory=dict)
-    policies: dict[str, Policy] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -128,7 +125,6 @@ class NodeAgent:
         self.ovsdb: AsyncOvsdb | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
-        self.on_ports_changed: Callable[[], None] | None = None
         self.cni_server = CniServer(settings.cni_socket, host_netns=settings.host_netns)
         self._conj_ids = ConjIds()
         self.policy_state = PolicyState()
@@ -243,14 +239,9 @@ class NodeAgent:
     async def sync_ports(self) -> None:
         """Pod flows for exactly the CNI-made ports that exist (and whose pod was not deleted)."""
         ports = await self.db.call(_snapshot_ports, self.db.db, self.settings.bridge)
-        wanted = {
-            p.port: p
-            for p in filter(None, map(pod_from_port, ports))
-            if (p.namespace, p.name) not in self.state.deleted_pods
-        }
-        present = {(p.namespace, p.name) for p in wanted.values()}
-        all_pods = {(p.namespace, p.name) for p in filter(None, map(pod_from_port, ports))}
-        self.state.deleted_pods &= all_pods  # forget deletions whose port is gone too
+        attached = [p for p in map(pod_from_port, ports) if p is not None]
+        self.state.deleted_pods &= {(p.namespace, p.name) for p in attached}  # port gone too: forget
+        wanted = {p.port: p for p in attached if (p.namespace, p.name) not in self.state.deleted_pods}
         changes: dict[Owner, list[LocalPod]] = {}
         for port, pod in wanted.items():
             if self.state.pods.get(port) != pod:
@@ -263,9 +254,7 @@ class NodeAgent:
             )
             self.state.pods = wanted
             self._policy_dirty.set()
-            log.info("pods on this node: %d (%d changed)", len(present), len(changes))
-        if self.on_ports_changed is not None:
-            self.on_ports_changed()
+            log.info("pods on this node: %d (%d changed)", len(wanted), len(changes))
 
     async def pod_deleted(self, namespace: str, name: str) -> None:
         self.state.deleted_pods.add((namespace, name))
@@ -304,12 +293,10 @@ class NodeAgent:
         self._policy_dirty.set()
 
     def set_namespace(self, name: str, ns: NamespaceInfo | None) -> None:
-        _put(self.state.namespaces, name, ns)
         self.policy_state.set_namespace(name, ns)
         self._policy_dirty.set()
 
     def set_policy(self, key: str, policy: Policy | None) -> None:
-        _put(self.state.policies, key, policy)
         self.policy_state.set_policy(key, policy)
         self._policy_dirty.set()
 
@@ -318,8 +305,6 @@ class NodeAgent:
     ) -> None:
         """Start over from a full listing (agent start-up, tests)."""
         self.state.api_pods = {p.key: p for p in pods}
-        self.state.namespaces = {n.name: n for n in namespaces}
-        self.state.policies = {p.key: p for p in policies}
         self._local_keys = {p.key for p in pods if p.node == self.settings.node_name}
         effective = [e for k in self.state.api_pods if (e := self._effective(k)) is not None]
         self.policy_state = PolicyState.build(effective, namespaces, policies)
