@@ -384,7 +384,22 @@ class TestInvalidConfig:
 
 
 class TestNodeDeletion:
-    """Last: it removes a node from the shared cluster."""
+    """Last: these damage node3 for good (its pods lose their ports, then the node goes)."""
+
+    def test_deleted_bridge_is_rebuilt_and_its_flows_replayed(self, cluster: Cluster) -> None:
+        node = cluster.bed.nodes["node3"]
+        src = cluster.pods[("default", "node1-p0")]
+        node.ovs.vsctl("del-br", BR)
+        node.ovs.vsctl("--may-exist", "add-br", BR, "--", "set", "bridge", BR, "datapath_type=netdev")
+
+        def rebuilt() -> bool:
+            ports = node.ovs.vsctl("list-ports", BR).stdout.split()
+            return {GATEWAY_PORT, TUNNEL_PORT} <= set(ports) and "table=253" in flows(node)
+
+        cluster.client.wait_for("bridge rebuilt with its flows", rebuilt, 20)
+        cluster.client.wait_for(
+            "remote gateway reachable", lambda: asyncio.run(ping(src.netns, "10.244.3.1")), 10
+        )
 
     def test_node_deleted_removes_its_config_and_routes_everywhere(self, cluster: Cluster) -> None:
         gone = cluster.bed.nodes["node3"]

@@ -184,6 +184,7 @@ class NodeAgent:
         async with self._lock:
             s, db = self.settings, self.db
             previous = self.state.local
+            await db.call(db.db.ensure_bridge, s.bridge, datapath_type=s.datapath_type)
             await db.call(
                 db.db.ensure_port,
                 s.bridge,
@@ -275,11 +276,24 @@ class NodeAgent:
                 if new != seqno:
                     seqno = new
                     try:
+                        await self._repair_node_ports(watcher)
                         await self.sync_ports()
                     except Exception:  # keep watching; the periodic resync repairs
                         log.exception("syncing pod ports failed")
         finally:
             await watcher.close()
+
+    async def _repair_node_ports(self, watcher: AsyncOvsdb) -> None:
+        """Someone deleted the bridge, or the gateway or tunnel port: build them again (the
+        reconciler's sentinel then sees the empty table and replays every flow)."""
+        spec = self.state.local
+        if spec is None:
+            return
+        present = await watcher.call(_node_ports_present, watcher.db, self.settings.bridge)
+        if not present:
+            log.warning("bridge %s or its gateway/tunnel port vanished; rebuilding", self.settings.bridge)
+            self.state.local = None  # force a full apply
+            await self.apply_local(spec)
 
     # --- NetworkPolicy ----------------------------------------------------------------------
 
@@ -352,6 +366,14 @@ def _put(store: dict[str, Any], key: str, value: Any) -> None:
         store.pop(key, None)
     else:
         store[key] = value
+
+
+def _node_ports_present(db: Ovsdb, bridge: str) -> bool:
+    db.refresh()
+    return all(
+        (info := db.port_info(name)) is not None and info.bridge == bridge
+        for name in (GATEWAY_PORT, TUNNEL_PORT)
+    )
 
 
 def _snapshot_ports(db: Ovsdb, bridge: str) -> list[PortInfo]:
