@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvswitch.cni.harness import CniNode
 from kvswitch.testbed import TestBed, find_leaks
 from kvswitch.testbed.bed import teardown_run
 
@@ -46,6 +48,25 @@ def new_bed() -> TestBed:
     bed = TestBed()
     register_run(bed.run_id)
     return bed
+
+
+@contextlib.contextmanager
+def cni_node(prepare: Callable[[CniNode], None] | None = None) -> Iterator[CniNode]:
+    """A leak-checked CNI node (bridge, plugin installed, server on a thread) for a test module."""
+    bed = new_bed()
+    node: CniNode | None = None
+    try:
+        node = CniNode(bed)
+        if prepare is not None:
+            prepare(node)
+        yield node
+        assert node.leftovers() == {}
+    finally:
+        if node is not None:
+            node.close()
+        bed.teardown()
+    report = find_leaks(bed.run_id)
+    assert not report, f"test bed leaked: {report}"
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from kvswitch.testbed.bed import teardown_run
 from kvswitch.testbed.netns import run
 from kvswitch.testbed.ovsproc import process_alive
 from kvswitch.testbed.probes import EchoServer, ping, tcp_echo
-from tests.conftest import new_bed
+from tests.conftest import cni_node, new_bed
 
 PATHS = ["server", "in-process"]
 
@@ -42,18 +42,8 @@ PATHS = ["server", "in-process"]
 @pytest.fixture(scope="module")
 def cni() -> Iterator[CniNode]:
     """One node for the module (k-vswitch0, plugin installed, server on a thread); leak-checked."""
-    bed = new_bed()
-    node: CniNode | None = None
-    try:
-        node = CniNode(bed)
+    with cni_node() as node:
         yield node
-        assert node.leftovers() == {}
-    finally:
-        if node is not None:
-            node.close()
-        bed.teardown()
-    report = find_leaks(bed.run_id)
-    assert not report, f"test bed leaked: {report}"
 
 
 @pytest.fixture(params=PATHS)

@@ -17,9 +17,9 @@ import pytest
 
 from kvswitch.cni.harness import CniNode
 from kvswitch.cni.spec import FAILPOINT_ENV
-from kvswitch.testbed import Pod, TestBed, find_leaks
+from kvswitch.testbed import Pod, TestBed
 from kvswitch.testbed.netns import run
-from tests.conftest import new_bed
+from tests.conftest import cni_node
 
 Conf = dict[str, Any]
 
@@ -201,25 +201,19 @@ CORPUS: list[Any] = [
 ]
 
 
+def _corpus_files(node: CniNode) -> None:
+    """Inputs the corpus points at: files that are not namespaces, and a broken IPAM binary."""
+    (node.workdir / "not-a-netns").write_text("")
+    (node.workdir / "a-file").write_text("")
+    extra = node.workdir / "extra-bin"
+    extra.mkdir()
+    os.symlink("/bin/false", extra / "broken-ipam")
+
+
 @pytest.fixture(scope="module")
 def cni() -> Iterator[CniNode]:
-    bed = new_bed()
-    node: CniNode | None = None
-    try:
-        node = CniNode(bed)
-        (node.workdir / "not-a-netns").write_text("")
-        (node.workdir / "a-file").write_text("")
-        extra = node.workdir / "extra-bin"
-        extra.mkdir()
-        os.symlink("/bin/false", extra / "broken-ipam")
+    with cni_node(_corpus_files) as node:
         yield node
-        assert node.leftovers() == {}
-    finally:
-        if node is not None:
-            node.close()
-        bed.teardown()
-    report = find_leaks(bed.run_id)
-    assert not report, f"test bed leaked: {report}"
 
 
 @pytest.fixture(params=["server", "in-process"])
