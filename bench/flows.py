@@ -17,11 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvswitch_testbed import TestBed
+
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.openflow import FlowReconciler, Ofctl
 from kvswitch.ovs.ovsdb import Ovsdb
 from kvswitch.ovs.pipeline import Category, Owner
-from kvswitch.testbed import TestBed
 
 BR = "k-vswitch0"
 FLOWS_PER_OWNER = 10

@@ -20,6 +20,8 @@ import time
 from multiprocessing import get_context
 from typing import Any
 
+from kvswitch_testbed import TestBed
+
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.openflow import FlowReconciler, Ofctl
 from kvswitch.ovs.ovsdb import Ovsdb
@@ -27,7 +29,6 @@ from kvswitch.ovs.pipeline import POLICY_OWNER, Category, Owner
 from kvswitch.policy.compute import Clause, PolicyResult, PolicyState
 from kvswitch.policy.flows import ConjIds, policy_flows
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
-from kvswitch.testbed import TestBed
 
 
 def antrea_shape(namespaces: int, pods_per_ns: int, policies_per_ns: int) -> dict[str, list[Any]]:

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvswitch.testbed import OvsInstance, TestBed, find_leaks
+from kvswitch_testbed import OvsInstance, TestBed, find_leaks
 
 ROUNDS = 5
 

@@ -8,10 +8,9 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
-
-from kvswitch.cni.harness import CniNode
-from kvswitch.testbed import TestBed, find_leaks
-from kvswitch.testbed.bed import teardown_run
+from kvswitch_testbed import TestBed, find_leaks
+from kvswitch_testbed.bed import teardown_run
+from kvswitch_testbed.cni_harness import CniNode
 
 REQUIRED_BINARIES = ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovs-ofctl", "ip", "ethtool", "ping")
 

@@ -29,10 +29,9 @@ import pytest
 import yaml
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
-
-from kvswitch.testbed.apiserver import ApiError, ApiServer, ApiServerThread, write_kubeconfig
-from kvswitch.testbed.netns import netns_socket
-from kvswitch.testbed.netns import run as netns_run
+from kvswitch_testbed.apiserver import ApiError, ApiServer, ApiServerThread, write_kubeconfig
+from kvswitch_testbed.netns import netns_socket
+from kvswitch_testbed.netns import run as netns_run
 
 REPO = Path(__file__).resolve().parent.parent
 VSC = ("kvswitch.io", "v1alpha1", "vswitchconfigs")
@@ -818,8 +817,8 @@ def test_listening_inside_a_network_namespace() -> None:
 
 def test_patch_and_selector_helpers() -> None:
     """The corners the client tests above do not reach: RFC 6902 move/copy, SMP directives, gt/lt."""
-    from kvswitch.testbed.apiserver_patches import PatchError, json_patch, strategic_merge_patch
-    from kvswitch.testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
+    from kvswitch_testbed.apiserver_patches import PatchError, json_patch, strategic_merge_patch
+    from kvswitch_testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
 
     doc = {"a": {"b": [1, 2]}, "c": "x"}
     ops = [

@@ -22,18 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kvswitch_testbed import TestBed, find_leaks
+from kvswitch_testbed.bed import teardown_run
+from kvswitch_testbed.cni_harness import GATEWAY, NETWORK, CniNode, tc_qdiscs
+from kvswitch_testbed.cni_runner import ConfList, netns_path
+from kvswitch_testbed.netns import run
+from kvswitch_testbed.ovsproc import process_alive
+from kvswitch_testbed.probes import EchoServer, ping, tcp_echo
 
 from kvswitch.cni import client
-from kvswitch.cni.harness import GATEWAY, NETWORK, CniNode, tc_qdiscs
 from kvswitch.cni.plugin import host_ifname
-from kvswitch.cni.runner import ConfList, netns_path
 from kvswitch.cni.server import CniServer
 from kvswitch.cni.spec import SUPPORTED_VERSIONS
-from kvswitch.testbed import TestBed, find_leaks
-from kvswitch.testbed.bed import teardown_run
-from kvswitch.testbed.netns import run
-from kvswitch.testbed.ovsproc import process_alive
-from kvswitch.testbed.probes import EchoServer, ping, tcp_echo
 from tests.conftest import cni_node, new_bed
 
 PATHS = ["server", "in-process"]

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from kvswitch_testbed import Pod, TestBed
+from kvswitch_testbed.cni_harness import CniNode
+from kvswitch_testbed.netns import run
 
-from kvswitch.cni.harness import CniNode
 from kvswitch.cni.spec import FAILPOINT_ENV
-from kvswitch.testbed import Pod, TestBed
-from kvswitch.testbed.netns import run
 from tests.conftest import cni_node
 
 Conf = dict[str, Any]

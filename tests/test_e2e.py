@@ -15,13 +15,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from kvswitch_testbed import Node
+from kvswitch_testbed.cluster import EXTERNAL_IP, Cluster, ClusterPod
+from kvswitch_testbed.kubeclient import VSC, ApiError
+from kvswitch_testbed.netns import arun, netns_socket, run
+from kvswitch_testbed.probes import EchoServer, full_matrix, ping, tcp_echo
 
 from kvswitch.ovs.pipeline import GATEWAY_PORT, TUNNEL_PORT, cookie_round
-from kvswitch.testbed import Node
-from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster, ClusterPod
-from kvswitch.testbed.kubeclient import VSC, ApiError
-from kvswitch.testbed.netns import arun, netns_socket, run
-from kvswitch.testbed.probes import EchoServer, full_matrix, ping, tcp_echo
 from tests.conftest import register_run
 
 BR = "k-vswitch0"

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from kvswitch_testbed import Node, Pod, TestBed
+from kvswitch_testbed.netns import arun, run
 
 from kvswitch.ovs.flows import Canonicalizer, Flow, parse_dump, parse_dump_index
 from kvswitch.ovs.openflow import SENTINEL_FLOW, FlowConflict, FlowReconciler, Ofctl, OfctlError
@@ -20,8 +22,6 @@ from kvswitch.ovs.pipeline import (
     cookie_round,
     make_cookie,
 )
-from kvswitch.testbed import Node, Pod, TestBed
-from kvswitch.testbed.netns import arun, run
 
 BR = "k-vswitch0"
 A = Owner(Category.TEST, "a")

@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from kvswitch_testbed import Node, TestBed
+from kvswitch_testbed.bed import UNDERLAY
+from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
+from kvswitch_testbed.netns import netns_socket, run
+from kvswitch_testbed.probes import EchoServer, udp_echo
+from kvswitch_testbed.sctp import SctpCatcher, sctp_reaches
 
-from kvswitch.cni.runner import Attachment, ConfList, Plugins, netns_path
 from kvswitch.config import AgentSettings, parse_spec
 from kvswitch.node.agent import CONFLIST_NAME, NodeAgent
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
-from kvswitch.testbed import Node, TestBed
-from kvswitch.testbed.bed import UNDERLAY
-from kvswitch.testbed.netns import netns_socket, run
-from kvswitch.testbed.probes import EchoServer, udp_echo
-from kvswitch.testbed.sctp import SctpCatcher, sctp_reaches
 from tests import policy_reference as ref
 from tests.conftest import register_run
 

@@ -6,12 +6,12 @@ import asyncio
 import os
 
 import pytest
+from kvswitch_testbed import TestBed, find_leaks
+from kvswitch_testbed.bed import PHYS_BRIDGE
+from kvswitch_testbed.netns import create_netns, list_netns, run
+from kvswitch_testbed.ovsproc import process_alive
+from kvswitch_testbed.probes import EchoServer, full_matrix, ping, tcp_echo, udp_echo
 
-from kvswitch.testbed import TestBed, find_leaks
-from kvswitch.testbed.bed import PHYS_BRIDGE
-from kvswitch.testbed.netns import create_netns, list_netns, run
-from kvswitch.testbed.ovsproc import process_alive
-from kvswitch.testbed.probes import EchoServer, full_matrix, ping, tcp_echo, udp_echo
 from tests.conftest import new_bed
 
 

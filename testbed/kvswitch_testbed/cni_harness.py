@@ -14,11 +14,11 @@ from typing import Any
 from kvswitch.cni.install import install
 from kvswitch.cni.netlink import ALIAS_PREFIX, Netns, open_rtnl
 from kvswitch.cni.plugin import HOST_IF_PREFIX, ID_OWNER, host_ifname
-from kvswitch.cni.runner import Attachment, PluginRun, Plugins, netns_path
 from kvswitch.cni.server import CniServer, ServerThread
 from kvswitch.cni.spec import DEFAULT_BRIDGE, PLUGIN_NAME
-from kvswitch.testbed import Node, Pod, TestBed
-from kvswitch.testbed.netns import run
+from kvswitch_testbed import Node, Pod, TestBed
+from kvswitch_testbed.cni_runner import Attachment, PluginRun, Plugins, netns_path
+from kvswitch_testbed.netns import run
 
 CNI_BIN = "/usr/lib/cni"
 SUBNET = "10.20.0.0/24"

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvswitch.cni.runner import in_netns as in_thread_netns
+from kvswitch_testbed.cni_runner import in_netns as in_thread_netns
 
 NETNS_DIR = Path("/var/run/netns")
 

@@ -18,8 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvswitch.testbed.netns import create_netns, delete_netns, list_netns, run, sysctl
-from kvswitch.testbed.ovsproc import OvsInstance
+from kvswitch_testbed.netns import create_netns, delete_netns, list_netns, run, sysctl
+from kvswitch_testbed.ovsproc import OvsInstance
 
 RUN_PREFIX = "kvs-"
 RUN_ROOT = Path("/run")

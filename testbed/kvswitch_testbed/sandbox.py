@@ -13,8 +13,8 @@ import sys
 import time
 from types import FrameType
 
-from kvswitch.testbed.cluster import EXTERNAL_IP, Cluster
-from kvswitch.testbed.probes import format_matrix, full_matrix, ping
+from kvswitch_testbed.cluster import EXTERNAL_IP, Cluster
+from kvswitch_testbed.probes import format_matrix, full_matrix, ping
 
 
 def _say(msg: str) -> None:

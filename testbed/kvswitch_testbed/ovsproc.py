@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from subprocess import CompletedProcess
 
-from kvswitch.testbed.netns import run
+from kvswitch_testbed.netns import run
 
 OVS_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 

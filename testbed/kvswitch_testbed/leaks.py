@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvswitch.testbed.bed import RUN_PREFIX, run_workdir
-from kvswitch.testbed.netns import list_netns, run
+from kvswitch_testbed.bed import RUN_PREFIX, run_workdir
+from kvswitch_testbed.netns import list_netns, run
 
 
 @dataclass

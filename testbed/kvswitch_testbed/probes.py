@@ -1,7 +1,7 @@
 """Reachability with real packets: ICMP via ping, TCP and UDP with a payload echoed back.
 
 TCP/UDP endpoints are sockets opened inside the pods' namespaces by this process (see
-:func:`kvswitch.testbed.netns.netns_socket`), so a whole N x N matrix runs on one event loop.
+:func:`kvswitch_testbed.netns.netns_socket`), so a whole N x N matrix runs on one event loop.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from kvswitch.testbed.netns import arun, netns_socket
+from kvswitch_testbed.netns import arun, netns_socket
 
 
 async def ping(

@@ -63,10 +63,10 @@ import kmock
 import yaml
 from kmock._internal.rendering import StreamingError
 
-from kvswitch.testbed import apiserver_tables as tables
-from kvswitch.testbed.apiserver_patches import PatchError, json_patch, merge_patch, strategic_merge_patch
-from kvswitch.testbed.apiserver_schema import Cause, StructuralSchema
-from kvswitch.testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
+from kvswitch_testbed import apiserver_tables as tables
+from kvswitch_testbed.apiserver_patches import PatchError, json_patch, merge_patch, strategic_merge_patch
+from kvswitch_testbed.apiserver_schema import Cause, StructuralSchema
+from kvswitch_testbed.apiserver_selectors import FieldSelector, LabelSelector, SelectorError
 
 __all__ = [
     "ApiError",

@@ -4,8 +4,8 @@ Shared by the tests, the sandbox and the benchmarks so that all three exercise t
 processes, namespaces and packets.
 """
 
-from kvswitch.testbed.bed import Node, Pod, TestBed
-from kvswitch.testbed.leaks import LeakReport, find_leaks
-from kvswitch.testbed.ovsproc import OvsInstance
+from kvswitch_testbed.bed import Node, Pod, TestBed
+from kvswitch_testbed.leaks import LeakReport, find_leaks
+from kvswitch_testbed.ovsproc import OvsInstance
 
 __all__ = ["LeakReport", "Node", "OvsInstance", "Pod", "TestBed", "find_leaks"]

@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 
-from kvswitch.testbed.netns import netns_socket
+from kvswitch_testbed.netns import netns_socket
 
 IPPROTO_SCTP = 132
 

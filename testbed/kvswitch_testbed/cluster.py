@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvswitch.cni.runner import Attachment, ConfList, Plugins, netns_path
 from kvswitch.node.agent import CONFLIST_NAME
-from kvswitch.testbed.apiserver import ApiServerThread, write_kubeconfig
-from kvswitch.testbed.bed import UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
-from kvswitch.testbed.kubeclient import VSC, KubeClient, pods_path
-from kvswitch.testbed.netns import netns_socket, run
+from kvswitch_testbed.apiserver import ApiServerThread, write_kubeconfig
+from kvswitch_testbed.bed import UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
+from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
+from kvswitch_testbed.kubeclient import VSC, KubeClient, pods_path
+from kvswitch_testbed.netns import netns_socket, run
 
 API_IP = str(UNDERLAY.network_address + 1)
 API_PORT = 6443
 EXTERNAL_INDEX = 200
 EXTERNAL_IP = str(UNDERLAY.network_address + EXTERNAL_INDEX)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO_ROOT / "crds" / "kvswitch.io_vswitchconfigs.yaml"
+CRD_DIR = Path(__file__).resolve().parent / "crds"  # the chart's CRDs, shipped as package data
+CRD_FILE = CRD_DIR / "kvswitch.io_vswitchconfigs.yaml"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
 
 
