@@ -14,6 +14,15 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kvswitch.cni.contract import (
+    DEFAULT_BRIDGE,
+    DEFAULT_CNI_BIN_DIR,
+    DEFAULT_CNI_CONF_DIR,
+    DEFAULT_OVSDB_SOCKET,
+    DEFAULT_SERVER_SOCKET,
+    OVERLAY_OVERHEAD,
+)
+
 GROUP = "kvswitch.io"
 VERSION = "v1alpha1"
 PLURAL = "vswitchconfigs"
@@ -43,7 +52,6 @@ class OverlayType(StrEnum):
 
 
 # Bytes an overlay adds to every packet on the underlay (outer Ethernet excluded for MTU purposes).
-OVERLAY_OVERHEAD = {OverlayType.VXLAN: 50, OverlayType.GRE: 42, OverlayType.GENEVE: 50}
 
 
 class VSwitchConfigSpec(BaseModel):
@@ -76,7 +84,7 @@ class VSwitchConfigSpec(BaseModel):
         return str(self.pod_network.network_address + 1)
 
     def pod_mtu(self, underlay_mtu: int = 1500) -> int:
-        return self.mtu if self.mtu is not None else underlay_mtu - OVERLAY_OVERHEAD[self.overlay_type]
+        return self.mtu if self.mtu is not None else underlay_mtu - OVERLAY_OVERHEAD[self.overlay_type.value]
 
     def to_api(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -132,15 +140,15 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     node_name: str = Field(min_length=1)
-    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
+    ovsdb: str = DEFAULT_OVSDB_SOCKET
     ovs_rundir: str | None = None  # where <bridge>.mgmt lives; None = OVS's default
-    bridge: str = "k-vswitch0"
+    bridge: str = DEFAULT_BRIDGE
     datapath_type: str = "system"
     host_netns: str | None = None  # None: the agent runs in the host's namespace (hostNetwork)
     underlay_mtu: int = 1500
-    cni_conf_dir: str = "/etc/cni/net.d"
-    cni_bin_dir: str = "/opt/cni/bin"
-    cni_socket: str = "/var/run/k-vswitch/cni.sock"
+    cni_conf_dir: str = DEFAULT_CNI_CONF_DIR
+    cni_bin_dir: str = DEFAULT_CNI_BIN_DIR
+    cni_socket: str = DEFAULT_SERVER_SOCKET
     ipam_data_dir: str | None = None  # host-local's dataDir; None = host-local's default
     install_cni: bool = True
     resync_interval: float = 60.0

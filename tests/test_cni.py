@@ -31,7 +31,7 @@ from kvswitch_testbed.ovsproc import process_alive
 from kvswitch_testbed.probes import EchoServer, ping, tcp_echo
 
 from kvswitch.cni import client
-from kvswitch.cni.plugin import host_ifname
+from kvswitch.cni.contract import host_ifname
 from kvswitch.cni.server import CniServer
 from kvswitch.cni.spec import SUPPORTED_VERSIONS
 from tests.conftest import cni_node, new_bed

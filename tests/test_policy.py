@@ -21,8 +21,9 @@ from kvswitch_testbed.netns import netns_socket, run
 from kvswitch_testbed.probes import EchoServer, udp_echo
 from kvswitch_testbed.sctp import SctpCatcher, sctp_reaches
 
+from kvswitch.cni.contract import CONFLIST_NAME
 from kvswitch.config import AgentSettings, parse_spec
-from kvswitch.node.agent import CONFLIST_NAME, NodeAgent
+from kvswitch.node.agent import NodeAgent
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 from tests import policy_reference as ref
 from tests.conftest import register_run

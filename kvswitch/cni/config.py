@@ -15,14 +15,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kvswitch.cni.spec import (
+from kvswitch.cni.contract import (
     DEFAULT_BRIDGE,
     DEFAULT_OVSDB_SOCKET,
     DEFAULT_SERVER_SOCKET,
-    SUPPORTED_VERSIONS,
-    CniError,
-    Code,
+    OVERLAY_OVERHEAD,
 )
+from kvswitch.cni.spec import SUPPORTED_VERSIONS, CniError, Code
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 KNOWN_ARGS = frozenset(
@@ -31,7 +30,6 @@ KNOWN_ARGS = frozenset(
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-OVERHEAD = {"vxlan": 50, "geneve": 50, "gre": 42, "none": 0}
 
 
 def ifname_problem(name: str) -> str | None:
@@ -270,7 +268,9 @@ class NetConf(_Strict):
 
     @property
     def overhead(self) -> int:
-        return self.tunnelOverhead if self.tunnelOverhead is not None else OVERHEAD[self.encapsulation]
+        return (
+            self.tunnelOverhead if self.tunnelOverhead is not None else OVERLAY_OVERHEAD[self.encapsulation]
+        )
 
     @property
     def gc_attachments(self) -> list[Attachment] | None:

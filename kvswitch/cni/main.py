@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kvswitch.cni import client, spec
+from kvswitch.cni import client, contract, spec
 
 
 def peek(stdin: bytes) -> dict[str, object]:
@@ -27,7 +27,7 @@ def peek(stdin: bytes) -> dict[str, object]:
 def server_socket(conf: dict[str, object]) -> str:
     """The socket named by the netconf's ``serverSocket`` ("" disables the server)."""
     path = conf.get("serverSocket")
-    return path if isinstance(path, str) else spec.DEFAULT_SERVER_SOCKET
+    return path if isinstance(path, str) else contract.DEFAULT_SERVER_SOCKET
 
 
 def run_in_process(env: dict[str, str], stdin: bytes) -> client.Reply:

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from kvswitch.cni.client import MAX_MESSAGE, Reply, decode_request, encode_reply
+from kvswitch.cni.contract import DEFAULT_SERVER_SOCKET
 from kvswitch.cni.plugin import CniPlugin
-from kvswitch.cni.spec import DEFAULT_SERVER_SOCKET, CniError, Code
+from kvswitch.cni.spec import CniError, Code
 
 log = logging.getLogger(__name__)
 

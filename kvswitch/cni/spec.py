@@ -15,10 +15,6 @@ if TYPE_CHECKING:
 
 SPEC_VERSION = "1.1.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-PLUGIN_NAME = "k-vswitch-cni"
-DEFAULT_SERVER_SOCKET = "/var/run/k-vswitch/cni.sock"
-DEFAULT_OVSDB_SOCKET = "unix:/var/run/openvswitch/db.sock"
-DEFAULT_BRIDGE = "k-vswitch0"
 FAILPOINT_ENV = "KVSWITCH_CNI_FAILPOINT"
 
 

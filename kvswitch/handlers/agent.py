@@ -8,7 +8,6 @@ which attachments are gone; all Pods, Namespaces and NetworkPolicies feed the po
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, cast
 
@@ -89,16 +88,16 @@ async def apply_config(agent: NodeAgent, configs: VSwitchConfigs, obj: dict[str,
     if not own:
         await agent.set_remote(name, spec)
         return
-    if agent.state.local == spec and _ready_for(obj, generation):
+    if agent.is_applied(spec) and _ready_for(obj, generation):
         return
     try:
-        await agent.apply_local(spec)
+        mtu = await agent.apply_local(spec)
     except Exception as exc:
         await report(configs, obj, False, "ApplyFailed", str(exc), generation)
         raise
     message = (
         f"bridge {SETTINGS.bridge}, {spec.overlay_type.value} overlay from {spec.overlay_ip}, "
-        f"gateway {spec.gateway_ip}, pod MTU {await asyncio.to_thread(agent.pod_mtu, spec)}"
+        f"gateway {spec.gateway_ip}, pod MTU {mtu}"
     )
     await report(configs, obj, True, "Applied", message, generation)
 

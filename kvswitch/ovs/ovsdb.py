@@ -12,7 +12,7 @@ import contextlib
 import functools
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +104,206 @@ def _merge_map(row: Any, column: str, values: Mapping[str, str] | None) -> None:
             row.setkey(column, k, v)
 
 
+class Tx:
+    """One IDL transaction being built: commands see the rows inserted before them in it."""
+
+    def __init__(self, db: Ovsdb, txn: ovs.db.idl.Transaction) -> None:
+        self.db = db
+        self.txn = txn
+        self.inserted: dict[tuple[str, str], Any] = {}  # (table, name) -> row inserted here
+
+    def insert(self, table: str, name: str) -> Any:
+        row = self.txn.insert(self.db.idl.tables[table])
+        row.name = name
+        self.inserted[(table, name)] = row
+        return row
+
+    def bridge(self, name: str) -> Any | None:
+        return self.inserted.get(("Bridge", name)) or self.db._bridge(name)
+
+    def port(self, name: str) -> Any | None:
+        return self.inserted.get(("Port", name)) or self.db._port(name)
+
+
+class Command:
+    """An ensure-style change, idempotent against the rows it finds (ovsdbapp's pattern)."""
+
+    def apply(self, tx: Tx) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True)
+class EnsureBridge(Command):
+    """Create the bridge, or bring the listed settings of an existing one to these values."""
+
+    name: str
+    datapath_type: str = "system"
+    fail_mode: str = "secure"
+    protocols: tuple[str, ...] = ("OpenFlow10", "OpenFlow13", "OpenFlow15")
+    external_ids: Mapping[str, str] | None = None
+    other_config: Mapping[str, str] | None = None
+
+    def apply(self, tx: Tx) -> None:
+        br = tx.bridge(self.name)
+        if br is None:
+            iface = tx.insert("Interface", self.name)
+            iface.type = "internal"
+            port = tx.insert("Port", self.name)
+            port.interfaces = [iface]
+            br = tx.insert("Bridge", self.name)
+            br.ports = [port]
+            br.datapath_type = self.datapath_type
+            br.fail_mode = self.fail_mode
+            br.protocols = list(self.protocols)
+            br.external_ids = dict(self.external_ids or {})
+            br.other_config = dict(self.other_config or {})
+            tx.db._root().addvalue("bridges", br.uuid)
+            return
+        if br.datapath_type != self.datapath_type:
+            br.datapath_type = self.datapath_type
+        if _unwrap(br.fail_mode) != self.fail_mode:
+            br.fail_mode = self.fail_mode
+        if set(br.protocols) != set(self.protocols):
+            br.protocols = list(self.protocols)
+        _merge_map(br, "external_ids", self.external_ids)
+        _merge_map(br, "other_config", self.other_config)
+
+    def describe(self) -> str:
+        return f"ensure bridge {self.name}"
+
+
+@dataclass(frozen=True)
+class DeleteBridge(Command):
+    name: str
+
+    def apply(self, tx: Tx) -> None:
+        br = tx.bridge(self.name)
+        if br is not None:
+            tx.db._root().delvalue("bridges", br.uuid)
+            br.delete()
+
+    def describe(self) -> str:
+        return f"delete bridge {self.name}"
+
+
+@dataclass(frozen=True)
+class EnsurePort(Command):
+    """Add the port (or update it in place): ``type`` is "" for a netdev such as a veth,
+    "internal", or a tunnel type; external_ids are merged, never dropped."""
+
+    bridge: str
+    name: str
+    type: str = ""
+    options: Mapping[str, str] | None = None
+    external_ids: Mapping[str, str] | None = None
+    iface_external_ids: Mapping[str, str] | None = None
+    ofport_request: int | None = None
+    mtu_request: int | None = None
+
+    def apply(self, tx: Tx) -> None:
+        options = self.options
+        if self.type in TUNNEL_TYPES and options is None:
+            options = {"remote_ip": "flow", "key": "flow"}
+        br = tx.bridge(self.bridge)
+        if br is None:
+            raise OvsdbError(f"bridge {self.bridge} does not exist")
+        port = tx.port(self.name)
+        if port is not None and port not in br.ports:
+            # Attached to another bridge: move it.
+            other = tx.db._bridge_of_port(port)
+            if other is not None:
+                other.delvalue("ports", port.uuid)
+            port.delete()
+            port = None
+        if port is None:
+            iface = tx.insert("Interface", self.name)
+            iface.type = self.type
+            iface.options = dict(options or {})
+            iface.external_ids = dict(self.iface_external_ids or {})
+            if self.ofport_request is not None:
+                iface.ofport_request = [self.ofport_request]
+            if self.mtu_request is not None:
+                iface.mtu_request = [self.mtu_request]
+            port = tx.insert("Port", self.name)
+            port.interfaces = [iface]
+            port.external_ids = dict(self.external_ids or {})
+            if ("Bridge", self.bridge) in tx.inserted:
+                br.ports = [*br.ports, port]
+            else:
+                br.addvalue("ports", port.uuid)
+            return
+        iface = port.interfaces[0]
+        if iface.type != self.type:
+            iface.type = self.type
+        if options is not None and dict(iface.options) != dict(options):
+            iface.options = dict(options)
+        if self.ofport_request is not None and _unwrap(iface.ofport_request) != self.ofport_request:
+            iface.ofport_request = [self.ofport_request]
+        if self.mtu_request is not None and _unwrap(iface.mtu_request) != self.mtu_request:
+            iface.mtu_request = [self.mtu_request]
+        _merge_map(port, "external_ids", self.external_ids)
+        _merge_map(iface, "external_ids", self.iface_external_ids)
+
+    def describe(self) -> str:
+        return f"ensure port {self.name} on {self.bridge}"
+
+
+@dataclass(frozen=True)
+class DeletePort(Command):
+    """Remove the port wherever it is (nothing when there is none)."""
+
+    name: str
+
+    def apply(self, tx: Tx) -> None:
+        port = tx.db._port(self.name)
+        if port is None:
+            return
+        br = tx.db._bridge_of_port(port)
+        if br is not None:
+            br.delvalue("ports", port.uuid)
+        port.delete()
+
+    def describe(self) -> str:
+        return f"delete port {self.name}"
+
+
+@dataclass(frozen=True)
+class SetExternalIds(Command):
+    table: str
+    name: str
+    values: Mapping[str, str | None]
+
+    def apply(self, tx: Tx) -> None:
+        row = tx.inserted.get((self.table, self.name)) or tx.db._named(self.table, self.name)
+        if row is None:
+            raise OvsdbError(f"{self.table} {self.name} does not exist")
+        _set_keys(row, "external_ids", self.values)
+
+    def describe(self) -> str:
+        return f"set external_ids on {self.table} {self.name}"
+
+
+@dataclass(frozen=True)
+class SetOtherConfig(Command):
+    values: Mapping[str, str | None]
+
+    def apply(self, tx: Tx) -> None:
+        _set_keys(tx.db._root(), "other_config", self.values)
+
+    def describe(self) -> str:
+        return "set other_config"
+
+
+class _Idl(ovs.db.idl.Idl):  # type: ignore[misc]
+    """The IDL, plus whether its session is up right now (the base class keeps that private)."""
+
+    def is_connected(self) -> bool:
+        return bool(self._session.is_connected())
+
+
 class Ovsdb:
     """A connected IDL over the tables k-vswitch needs."""
 
@@ -113,7 +313,7 @@ class Ovsdb:
         helper = _load_schema_helper(remote)
         for table, cols in _COLUMNS.items():
             helper.register_columns(table, cols)
-        self.idl = ovs.db.idl.Idl(remote, helper, leader_only=False)
+        self.idl = _Idl(remote, helper, leader_only=False)
         self._sync(lambda: self.idl.has_ever_connected(), "initial dump")
 
     def close(self) -> None:
@@ -139,9 +339,20 @@ class Ovsdb:
     def refresh(self) -> None:
         self.idl.run()
 
+    def refresh_checked(self) -> None:
+        """refresh(), then raise when the session is down (its rows may be arbitrarily old)."""
+        self.idl.run()
+        self.idl.run()  # a broken connection is noticed by one run() and dropped by the next
+        if not self.is_connected():
+            raise OvsdbError(f"cannot connect to ovsdb {self.remote} (connection lost, reconnecting)")
+
+    def port_info_fresh(self, name: str) -> PortInfo | None:
+        self.refresh_checked()
+        return self.port_info(name)
+
     def is_connected(self) -> bool:
         """True while the session to ovsdb is up; otherwise the rows may be arbitrarily old."""
-        return bool(self.idl._session.is_connected())
+        return self.idl.is_connected()
 
     def transact(self, build: Callable[[ovs.db.idl.Transaction], None], what: str) -> None:
         """Build and commit one transaction, retrying when the IDL says try-again."""
@@ -239,150 +450,42 @@ class Ovsdb:
             return self._root()
         return next((r for r in self._rows(table).values() if r.name == name), None)
 
-    # --- ensure-style writes --------------------------------------------------------------
+    # --- ensure-style writes: each a command; several commit as one transaction -------------
 
-    def ensure_bridge(
-        self,
-        name: str,
-        datapath_type: str = "system",
-        fail_mode: str = "secure",
-        protocols: tuple[str, ...] = ("OpenFlow10", "OpenFlow13", "OpenFlow15"),
-        external_ids: Mapping[str, str] | None = None,
-        other_config: Mapping[str, str] | None = None,
-    ) -> None:
-        """Create the bridge, or bring the listed settings of an existing one to these values."""
+    def execute(self, *commands: Command, what: str | None = None) -> None:
+        """Commit ``commands`` in one transaction: all of them take effect, or none."""
+        if not commands:
+            return
 
         def build(txn: ovs.db.idl.Transaction) -> None:
-            br = self._bridge(name)
-            if br is None:
-                iface = txn.insert(self.idl.tables["Interface"])
-                iface.name = name
-                iface.type = "internal"
-                port = txn.insert(self.idl.tables["Port"])
-                port.name = name
-                port.interfaces = [iface]
-                br = txn.insert(self.idl.tables["Bridge"])
-                br.name = name
-                br.ports = [port]
-                br.datapath_type = datapath_type
-                br.fail_mode = fail_mode
-                br.protocols = list(protocols)
-                br.external_ids = dict(external_ids or {})
-                br.other_config = dict(other_config or {})
-                self._root().addvalue("bridges", br.uuid)
-                return
-            if br.datapath_type != datapath_type:
-                br.datapath_type = datapath_type
-            if _unwrap(br.fail_mode) != fail_mode:
-                br.fail_mode = fail_mode
-            if set(br.protocols) != set(protocols):
-                br.protocols = list(protocols)
-            _merge_map(br, "external_ids", external_ids)
-            _merge_map(br, "other_config", other_config)
+            tx = Tx(self, txn)
+            for command in commands:
+                command.apply(tx)
 
-        self.transact(build, f"ensure bridge {name}")
+        self.transact(build, what or "; ".join(c.describe() for c in commands))
+
+    def ensure_bridge(self, name: str, **settings: Any) -> None:
+        self.execute(EnsureBridge(name, **settings))
 
     def delete_bridge(self, name: str) -> None:
-        def build(txn: ovs.db.idl.Transaction) -> None:
-            br = self._bridge(name)
-            if br is not None:
-                self._root().delvalue("bridges", br.uuid)
-                br.delete()
+        self.execute(DeleteBridge(name))
 
-        self.transact(build, f"delete bridge {name}")
-
-    def ensure_port(
-        self,
-        bridge: str,
-        name: str,
-        type: str = "",
-        options: Mapping[str, str] | None = None,
-        external_ids: Mapping[str, str] | None = None,
-        iface_external_ids: Mapping[str, str] | None = None,
-        ofport_request: int | None = None,
-        mtu_request: int | None = None,
-    ) -> None:
-        """Add the port (or update it in place): ``type`` is "" for a netdev such as a veth,
-        "internal", or a tunnel type; external_ids are merged, never dropped."""
-        if type in TUNNEL_TYPES and options is None:
-            options = {"remote_ip": "flow", "key": "flow"}
-
-        def build(txn: ovs.db.idl.Transaction) -> None:
-            br = self._bridge(bridge)
-            if br is None:
-                raise OvsdbError(f"bridge {bridge} does not exist")
-            port = self._port(name)
-            if port is not None and port not in br.ports:
-                # Attached to another bridge: move it.
-                other = self._bridge_of_port(port)
-                if other is not None:
-                    other.delvalue("ports", port.uuid)
-                port.delete()
-                port = None
-            if port is None:
-                iface = txn.insert(self.idl.tables["Interface"])
-                iface.name = name
-                iface.type = type
-                iface.options = dict(options or {})
-                iface.external_ids = dict(iface_external_ids or {})
-                if ofport_request is not None:
-                    iface.ofport_request = [ofport_request]
-                if mtu_request is not None:
-                    iface.mtu_request = [mtu_request]
-                port = txn.insert(self.idl.tables["Port"])
-                port.name = name
-                port.interfaces = [iface]
-                port.external_ids = dict(external_ids or {})
-                br.addvalue("ports", port.uuid)
-                return
-            iface = port.interfaces[0]
-            if iface.type != type:
-                iface.type = type
-            if options is not None and dict(iface.options) != dict(options):
-                iface.options = dict(options)
-            if ofport_request is not None and _unwrap(iface.ofport_request) != ofport_request:
-                iface.ofport_request = [ofport_request]
-            if mtu_request is not None and _unwrap(iface.mtu_request) != mtu_request:
-                iface.mtu_request = [mtu_request]
-            _merge_map(port, "external_ids", external_ids)
-            _merge_map(iface, "external_ids", iface_external_ids)
-
-        self.transact(build, f"ensure port {name} on {bridge}")
+    def ensure_port(self, bridge: str, name: str, type: str = "", **settings: Any) -> None:
+        self.execute(EnsurePort(bridge, name, type, **settings))
 
     def delete_port(self, name: str) -> bool:
         """Remove the port wherever it is; False when there was none (idempotent)."""
         existed = self._port(name) is not None
-
-        def build(txn: ovs.db.idl.Transaction) -> None:
-            port = self._port(name)
-            if port is None:
-                return
-            br = self._bridge_of_port(port)
-            if br is not None:
-                br.delvalue("ports", port.uuid)
-            port.delete()
-
-        self.transact(build, f"delete port {name}")
+        self.execute(DeletePort(name))
         return existed
 
     def set_external_ids(self, table: str, name: str, values: Mapping[str, str | None]) -> None:
         """Set (or with None remove) keys of a Bridge/Port/Interface/Open_vSwitch row."""
-
-        def build(txn: ovs.db.idl.Transaction) -> None:
-            row = self._named(table, name)
-            if row is None:
-                raise OvsdbError(f"{table} {name} does not exist")
-            _set_keys(row, "external_ids", values)
-
-        self.transact(build, f"set external_ids on {table} {name}")
+        self.execute(SetExternalIds(table, name, dict(values)))
 
     def set_other_config(self, values: Mapping[str, str | None]) -> None:
         """Open_vSwitch other_config, e.g. ``flow-restore-wait``."""
-
-        def build(txn: ovs.db.idl.Transaction) -> None:
-            _set_keys(self._root(), "other_config", values)
-
-        self.transact(build, "set other_config")
+        self.execute(SetOtherConfig(dict(values)))
 
     def wait_change(self, seqno: int, timeout: float) -> int:
         """Block until the IDL's contents differ from ``seqno`` (or ``timeout``); the new seqno."""
@@ -410,10 +513,11 @@ class Ovsdb:
 
 
 class AsyncOvsdb:
-    """:class:`Ovsdb` for asyncio: every call runs on one dedicated thread."""
+    """:class:`Ovsdb` for asyncio: every call runs on one dedicated thread, so the event loop never
+    blocks and the IDL is never shared between threads. Callers use these methods only."""
 
     def __init__(self, db: Ovsdb, executor: ThreadPoolExecutor) -> None:
-        self.db = db
+        self._db = db
         self._executor = executor
 
     @classmethod
@@ -423,10 +527,80 @@ class AsyncOvsdb:
         db = await loop.run_in_executor(executor, functools.partial(Ovsdb, remote, timeout))
         return cls(db, executor)
 
-    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    @property
+    def remote(self) -> str:
+        return self._db.remote
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def close(self) -> None:
-        await self.call(self.db.close)
+        await self._run(self._db.close)
         self._executor.shutdown(wait=True)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def execute(self, *commands: Command, what: str | None = None) -> None:
+        """Commit ``commands`` as one transaction."""
+        await self._run(self._db.execute, *commands, what=what)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, what: str | None = None) -> AsyncIterator[list[Command]]:
+        """Collect commands; they commit together when the block ends without an error."""
+        commands: list[Command] = []
+        yield commands
+        await self.execute(*commands, what=what)
+
+    async def ensure_bridge(self, name: str, **settings: Any) -> None:
+        await self.execute(EnsureBridge(name, **settings))
+
+    async def ensure_port(self, bridge: str, name: str, type: str = "", **settings: Any) -> None:
+        await self.execute(EnsurePort(bridge, name, type, **settings))
+
+    async def delete_port(self, name: str) -> bool:
+        return await self._run(self._db.delete_port, name)
+
+    async def set_external_ids(self, table: str, name: str, values: Mapping[str, str | None]) -> None:
+        await self.execute(SetExternalIds(table, name, dict(values)))
+
+    async def set_other_config(self, values: Mapping[str, str | None]) -> None:
+        await self.execute(SetOtherConfig(dict(values)))
+
+    # --- reads and waits ----------------------------------------------------------------------
+
+    async def refresh(self, *, connected: bool = False) -> None:
+        """Take in the updates ovsdb already sent. With ``connected``, refuse rows that may be stale:
+        a connection whose server went away still holds the old rows (the IDL reconnects by itself)."""
+        await self._run(self._db.refresh_checked if connected else self._db.refresh)
+
+    async def bridge_exists(self, name: str) -> bool:
+        await self.refresh(connected=True)
+        return await self._run(self._db.bridge_exists, name)
+
+    async def port_info(self, name: str, *, refresh: bool = True) -> PortInfo | None:
+        return await self._run(self._db.port_info_fresh if refresh else self._db.port_info, name)
+
+    async def find_ports(
+        self,
+        bridge: str | None = None,
+        external_ids: Mapping[str, str] | None = None,
+        *,
+        refresh: bool = True,
+    ) -> list[PortInfo]:
+        """Ports on ``bridge`` (any, when None) whose external_ids contain ``external_ids``."""
+        if refresh:
+            await self.refresh(connected=True)
+        return await self._run(self._db.find_ports, bridge, **(external_ids or {}))
+
+    async def get_external_ids(self, table: str, name: str) -> dict[str, str]:
+        return await self._run(self._db.get_external_ids, table, name)
+
+    async def get_other_config(self) -> dict[str, str]:
+        return await self._run(self._db.get_other_config)
+
+    async def wait_change(self, seqno: int, timeout: float) -> int:
+        return await self._run(self._db.wait_change, seqno, timeout)
+
+    async def wait_ofport(self, name: str, timeout: float = 5.0) -> int:
+        return await self._run(self._db.wait_ofport, name, timeout)

@@ -12,10 +12,10 @@ import subprocess
 from typing import Any
 
 from kvswitch.cni.install import install
-from kvswitch.cni.netlink import ALIAS_PREFIX, Netns, open_rtnl
-from kvswitch.cni.plugin import HOST_IF_PREFIX, ID_OWNER, host_ifname
+from kvswitch.cni.netlink import Netns, open_rtnl
+from kvswitch.cni.contract import HOST_IF_PREFIX, ID_OWNER, LINK_ALIAS_PREFIX, host_ifname
 from kvswitch.cni.server import CniServer, ServerThread
-from kvswitch.cni.spec import DEFAULT_BRIDGE, PLUGIN_NAME
+from kvswitch.cni.contract import DEFAULT_BRIDGE, PLUGIN_NAME
 from kvswitch_testbed import Node, Pod, TestBed
 from kvswitch_testbed.cni_runner import Attachment, PluginRun, Plugins, netns_path
 from kvswitch_testbed.netns import run
@@ -139,7 +139,7 @@ class CniNode:
             return sorted(
                 link.name
                 for link in rtnl.links()
-                if link.name.startswith((HOST_IF_PREFIX, "bwp")) or link.alias.startswith(ALIAS_PREFIX)
+                if link.name.startswith((HOST_IF_PREFIX, "bwp")) or link.alias.startswith(LINK_ALIAS_PREFIX)
             )
 
     def owned_ports(self) -> dict[str, dict[str, str]]:

@@ -1,0 +1,240 @@
+"""The node's datapath: bridge, gateway and tunnel ports, host networking, and the flows of this
+node, of the other nodes and of the pods attached here. Knows nothing about the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+
+from kvswitch.cni.contract import ID_IP, ID_MAC, ID_OWNER, ID_POD_NAME, ID_POD_NAMESPACE, PLUGIN_NAME
+from kvswitch.config import AgentSettings, VSwitchConfigSpec
+from kvswitch.datapath import LocalPod, RemoteNode, node_flows, pod_flows, remote_node_flows
+from kvswitch.node.host import HostNetwork
+from kvswitch.ovs.flows import Flow
+from kvswitch.ovs.openflow import FlowReconciler, Ofctl
+from kvswitch.ovs.ovsdb import AsyncOvsdb, EnsureBridge, EnsurePort, PortInfo
+from kvswitch.ovs.pipeline import (
+    EXT_ROLE,
+    GATEWAY_MAC,
+    GATEWAY_OFPORT,
+    GATEWAY_PORT,
+    NODE_OWNER,
+    TUNNEL_OFPORT,
+    TUNNEL_PORT,
+    Category,
+    Owner,
+)
+
+log = logging.getLogger(__name__)
+
+
+def pod_from_port(info: PortInfo) -> LocalPod | None:
+    """A pod attachment, if this port is one the CNI made and vswitchd has numbered."""
+    ids = info.external_ids
+    if ids.get(ID_OWNER) != PLUGIN_NAME or info.ofport is None:
+        return None
+    ipv4 = [a for a in ids.get(ID_IP, "").split(",") if a and ":" not in a]
+    mac = ids.get(ID_MAC)
+    if not ipv4 or not mac:
+        return None
+    return LocalPod(
+        port=info.name,
+        ofport=info.ofport,
+        ip=str(ipaddress.IPv4Interface(ipv4[0]).ip),
+        mac=mac.lower(),
+        namespace=ids.get(ID_POD_NAMESPACE, ""),
+        name=ids.get(ID_POD_NAME, ""),
+    )
+
+
+@dataclass
+class DatapathState:
+    local: VSwitchConfigSpec | None = None
+    remotes: dict[str, RemoteNode] = field(default_factory=dict)
+    pods: dict[str, LocalPod] = field(default_factory=dict)  # by port name
+    deleted_pods: set[tuple[str, str]] = field(default_factory=set)  # (namespace, name)
+
+
+class NodeDatapath:
+    """Bridge, ports, host networking and non-policy flows; ``on_pods_changed`` is told when the
+    set of local pods changes (their policy flows depend on it)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.state = DatapathState()
+        self.host = HostNetwork(settings.host_netns)
+        self.ofctl = Ofctl(settings.bridge, settings.ovs_rundir)
+        self.reconciler = FlowReconciler(self.ofctl)
+        self._ovsdb: AsyncOvsdb | None = None
+        self._lock = asyncio.Lock()
+        self.pods_changed = asyncio.Event()
+
+    @property
+    def db(self) -> AsyncOvsdb:
+        if self._ovsdb is None:
+            raise RuntimeError("datapath not started")
+        return self._ovsdb
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bridge first, then a new flow round; flows of the previous round stay until finish_startup."""
+        s = self.settings
+        self._ovsdb = await AsyncOvsdb.connect(s.ovsdb)
+        await self.db.ensure_bridge(s.bridge, datapath_type=s.datapath_type)
+        await self._wait_for_mgmt()
+        await self.reconciler.start(self.db, s.bridge)
+
+    async def finish_startup(self) -> None:
+        await self.sync_ports()
+        report = await self.reconciler.finish_startup(self.db)
+        log.info("startup complete: round %d, %s", self.reconciler.round, report)
+
+    async def stop(self) -> None:
+        if self._ovsdb is not None:
+            await self._ovsdb.close()
+            self._ovsdb = None
+
+    async def _wait_for_mgmt(self, timeout: float = 10.0) -> None:
+        """vswitchd creates the bridge's OpenFlow socket a moment after the bridge row."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.ofctl.reachable():
+            if loop.time() > deadline:
+                raise TimeoutError(f"bridge {self.ofctl.target} has no OpenFlow management socket")
+            await asyncio.sleep(0.05)
+
+    # --- this node ------------------------------------------------------------------------
+
+    def local_config(self) -> VSwitchConfigSpec | None:
+        return self.state.local
+
+    def pod_mtu(self, spec: VSwitchConfigSpec) -> int:
+        """Blocking (netlink): call from a thread."""
+        underlay = self.host.interface_mtu_for(spec.overlay_ip) or self.settings.underlay_mtu
+        return spec.pod_mtu(underlay)
+
+    async def apply_local(self, spec: VSwitchConfigSpec) -> int:
+        """Converge bridge ports, host networking and flows to this node's VSwitchConfig; the pod MTU."""
+        async with self._lock:
+            s = self.settings
+            previous = self.state.local
+            await self.db.execute(
+                EnsureBridge(s.bridge, datapath_type=s.datapath_type),
+                EnsurePort(
+                    s.bridge,
+                    TUNNEL_PORT,
+                    spec.overlay_type.value,
+                    options={"remote_ip": "flow", "key": "flow"},
+                    external_ids={EXT_ROLE: "tunnel"},
+                    ofport_request=TUNNEL_OFPORT,
+                ),
+                EnsurePort(
+                    s.bridge,
+                    GATEWAY_PORT,
+                    "internal",
+                    external_ids={EXT_ROLE: "gateway"},
+                    ofport_request=GATEWAY_OFPORT,
+                ),
+                what=f"node ports on {s.bridge}",
+            )
+            await self.db.wait_ofport(GATEWAY_PORT)
+            await self.db.wait_ofport(TUNNEL_PORT)
+            mtu = await asyncio.to_thread(self.pod_mtu, spec)
+            gw_cidr = f"{spec.gateway_ip}/{spec.pod_network.prefixlen}"
+            await asyncio.to_thread(self._host_setup, spec, gw_cidr, mtu, previous)
+            await self.reconciler.set_flows(NODE_OWNER, node_flows(spec, GATEWAY_OFPORT, TUNNEL_OFPORT))
+            self.state.local = spec
+            return mtu
+
+    def _host_setup(
+        self, spec: VSwitchConfigSpec, gw_cidr: str, mtu: int, previous: VSwitchConfigSpec | None
+    ) -> None:
+        self.host.ensure_gateway(GATEWAY_PORT, gw_cidr, GATEWAY_MAC, mtu)
+        if previous is not None and previous.cluster_cidr != spec.cluster_cidr:
+            self.host.remove_route(previous.cluster_cidr)
+        self.host.ensure_route(spec.cluster_cidr, GATEWAY_PORT, mtu)
+        self.host.ensure_forwarding()
+        self.host.ensure_snat(spec.cluster_cidr)
+
+    # --- other nodes ----------------------------------------------------------------------
+
+    async def set_remote(self, name: str, spec: VSwitchConfigSpec | None) -> None:
+        owner = Owner(Category.REMOTE_NODE, name)
+        if spec is None or name == self.settings.node_name:
+            self.state.remotes.pop(name, None)
+            await self.reconciler.delete_owner(owner)
+            return
+        node = RemoteNode(name, spec.pod_cidr, spec.overlay_ip)
+        await self.reconciler.set_flows(owner, remote_node_flows(node, TUNNEL_OFPORT))
+        self.state.remotes[name] = node
+
+    # --- pods -----------------------------------------------------------------------------
+
+    def local_pods(self) -> list[LocalPod]:
+        return list(self.state.pods.values())
+
+    async def sync_ports(self) -> None:
+        """Pod flows for exactly the CNI-made ports that exist (and whose pod was not deleted)."""
+        ports = await self.db.find_ports(self.settings.bridge)
+        attached = [p for p in map(pod_from_port, ports) if p is not None]
+        self.state.deleted_pods &= {(p.namespace, p.name) for p in attached}  # port gone too: forget
+        wanted = {p.port: p for p in attached if (p.namespace, p.name) not in self.state.deleted_pods}
+        changes: dict[Owner, list[Flow]] = {}
+        for port, pod in wanted.items():
+            if self.state.pods.get(port) != pod:
+                changes[Owner(Category.POD, port)] = pod_flows(pod)
+        for port in self.state.pods.keys() - wanted.keys():
+            changes[Owner(Category.POD, port)] = []
+        if changes:
+            await self.reconciler.set_many(changes)
+            self.state.pods = wanted
+            self.pods_changed.set()
+            log.info("pods on this node: %d (%d changed)", len(wanted), len(changes))
+
+    async def pod_deleted(self, namespace: str, name: str) -> None:
+        self.state.deleted_pods.add((namespace, name))
+        await self.sync_ports()
+
+    async def pod_present(self, namespace: str, name: str) -> None:
+        if (namespace, name) in self.state.deleted_pods:
+            self.state.deleted_pods.discard((namespace, name))
+            await self.sync_ports()
+
+    async def watch_ports(self) -> None:
+        """A second ovsdb connection blocks on changes, so ports are seen within milliseconds."""
+        watcher = await AsyncOvsdb.connect(self.settings.ovsdb)
+        try:
+            seqno = -1
+            while True:
+                new = await watcher.wait_change(seqno, 1.0)
+                if new != seqno:
+                    seqno = new
+                    try:
+                        await self._repair_node_ports(watcher)
+                        await self.sync_ports()
+                    except Exception:  # keep watching; the periodic resync repairs
+                        log.exception("syncing pod ports failed")
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.close()
+
+    async def _repair_node_ports(self, watcher: AsyncOvsdb) -> None:
+        """Someone deleted the bridge, or the gateway or tunnel port: build them again (the
+        reconciler's sentinel then sees the empty table and replays every flow)."""
+        spec = self.state.local
+        if spec is None:
+            return
+        bridge = self.settings.bridge
+        await watcher.refresh()
+        for name in (GATEWAY_PORT, TUNNEL_PORT):
+            info = await watcher.port_info(name, refresh=False)
+            if info is None or info.bridge != bridge:
+                log.warning("bridge %s or its gateway/tunnel port vanished; rebuilding", bridge)
+                self.state.local = None  # force a full apply
+                await self.apply_local(spec)
+                return

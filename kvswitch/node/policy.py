@@ -1,0 +1,68 @@
+"""The node's NetworkPolicy inputs: every pod, namespace and policy of the cluster as the API reports
+them, kept incrementally, and the policy flows of this node's pods computed from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from kvswitch.datapath import LocalPod
+from kvswitch.ovs.flows import Flow
+from kvswitch.policy.compute import PolicyState
+from kvswitch.policy.flows import ConjIds, policy_flows
+from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
+
+
+class PolicyInputs:
+    """``node_name`` tells which pods are local; ``local_pods`` gives the attachments the CNI made
+    here (their IPs stand in for the API's until the API knows them)."""
+
+    def __init__(self, node_name: str, local_pods: Callable[[], list[LocalPod]]) -> None:
+        self.node_name = node_name
+        self._local_pods = local_pods
+        self.state = PolicyState()
+        self._api_pods: dict[str, PodInfo] = {}  # every pod of the cluster, by namespace/name
+        self._local_keys: set[str] = set()
+        self._conj_ids = ConjIds()
+
+    def set_pod(self, key: str, pod: PodInfo | None) -> None:
+        if pod is None:
+            self._api_pods.pop(key, None)
+        else:
+            self._api_pods[key] = pod
+        if pod is not None and pod.node == self.node_name:
+            self._local_keys.add(key)
+        else:
+            self._local_keys.discard(key)
+        self.state.set_pod(key, self._effective(key))
+
+    def set_namespace(self, name: str, ns: NamespaceInfo | None) -> None:
+        self.state.set_namespace(name, ns)
+
+    def set_policy(self, key: str, policy: Policy | None) -> None:
+        self.state.set_policy(key, policy)
+
+    def replace(self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[Policy]) -> None:
+        """Start over from a full listing (agent start-up, tests)."""
+        self._api_pods = {p.key: p for p in pods}
+        self._local_keys = {p.key for p in pods if p.node == self.node_name}
+        effective = [e for k in self._api_pods if (e := self._effective(k)) is not None]
+        self.state = PolicyState.build(effective, namespaces, policies)
+
+    def _effective(self, key: str) -> PodInfo | None:
+        """The API's pod, with the IP the CNI recorded while the API does not know it yet."""
+        pod = self._api_pods.get(key)
+        if pod is None or pod.ip or key not in self._local_keys:
+            return pod
+        ip = next((p.ip for p in self._local_pods() if f"{p.namespace}/{p.name}" == key), None)
+        return pod if ip is None else dataclasses.replace(pod, ip=ip)
+
+    def flows(self) -> list[Flow]:
+        """The policy flows of this node's pods, for the policies of their namespaces only."""
+        for key in self._local_keys:
+            pod = self._effective(key)
+            if pod != self.state.pods.get(key):
+                self.state.set_pod(key, pod)
+        local = [p for k in self._local_keys if (p := self.state.pods.get(k)) is not None]
+        result = self.state.compute(namespaces={p.namespace for p in local})
+        return policy_flows(result, local, self._conj_ids)
