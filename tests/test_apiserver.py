@@ -1,7 +1,7 @@
 """The fake Kubernetes API server against real clients: kubernetes-asyncio, kopf (thread and CLI), kubectl.
 
-Each test starts its own server on port 0. Every gap of plain KMock listed in docs/test-bed.md §6 is
-exercised here through a real client, not through the store.
+Each test starts its own server on port 0. Every gap of plain KMock listed in
+testbed/kvswitch_testbed/README.md is exercised here through a real client, not through the store.
 """
 
 from __future__ import annotations
