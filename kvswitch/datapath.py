@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from kvswitch.config import VSwitchConfigSpec
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.pipeline import (
-    CT_ZONE,
+    CT_COMMIT,
+    FROM_GATEWAY,
+    FROM_POD,
+    FROM_TUNNEL,
     GATEWAY_MAC,
     PRIO_ANY_IP,
     PRIO_CLUSTER,
@@ -24,10 +27,13 @@ from kvswitch.ovs.pipeline import (
     PRIO_POLICY_NODE,
     PRIO_REMOTE,
     REG_OUT_PORT,
-    REG_SOURCE,
     TUNNEL_KEY,
-    Source,
     Table,
+    arp_reply,
+    arp_reply_any,
+    ct_track,
+    goto,
+    output,
 )
 
 
@@ -54,51 +60,31 @@ class RemoteNode:
     overlay_ip: str
 
 
-def arp_reply(ip: str, mac: str) -> str:
-    """Turn an ARP request into the reply for ``ip`` is-at ``mac`` and send it back where it came from."""
-    return (
-        "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],"
-        f"set_field:{mac}->eth_src,"
-        "set_field:2->arp_op,"
-        "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],"
-        f"set_field:{mac}->arp_sha,"
-        "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
-        f"set_field:{ip}->arp_spa,"
-        "IN_PORT"
-    )
-
-
-def _goto(table: Table) -> str:
-    return f"goto_table:{int(table)}"
-
-
 def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int) -> list[Flow]:
     """The pipeline skeleton of this node: defaults, gateway, tunnel, conntrack, ARP for the gateway."""
     gw = gateway_ofport
-    src = REG_SOURCE
-    ct = f"ct(table={int(Table.CT_STATE)},zone={CT_ZONE})"
     node_ip = spec.overlay_ip
-    from_pod = f"ip,{src}={Source.POD:#x}"
-    from_host = f"ip,{src}={Source.GATEWAY:#x}"
+    from_pod = f"ip,{FROM_POD.match}"
+    from_host = f"ip,{FROM_GATEWAY.match}"
     return [
         # CLASSIFIER
         Flow(
             table=Table.CLASSIFIER,
             priority=PRIO_GATEWAY,
             match=f"arp,in_port={gw}",
-            actions=_goto(Table.ARP_RESPONDER),
+            actions=goto(Table.ARP_RESPONDER),
         ),
         Flow(
             table=Table.CLASSIFIER,
             priority=PRIO_GATEWAY,
             match=f"ip,in_port={gw}",
-            actions=f"set_field:{Source.GATEWAY:#x}->{src},{_goto(Table.CONNTRACK)}",
+            actions=f"{FROM_GATEWAY.load},{goto(Table.CONNTRACK)}",
         ),
         Flow(
             table=Table.CLASSIFIER,
             priority=PRIO_GATEWAY,
             match=f"ip,in_port={tunnel_ofport}",
-            actions=f"set_field:{Source.TUNNEL:#x}->{src},{_goto(Table.CONNTRACK)}",
+            actions=f"{FROM_TUNNEL.load},{goto(Table.CONNTRACK)}",
         ),
         Flow(table=Table.CLASSIFIER, priority=PRIO_DEFAULT, actions="drop"),
         # SPOOF_GUARD: only per-pod allows; the rest is dropped
@@ -115,14 +101,14 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             table=Table.ARP_RESPONDER,
             priority=PRIO_CLUSTER,
             match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
-            actions=_arp_reply_any(GATEWAY_MAC),
+            actions=arp_reply_any(GATEWAY_MAC),
         ),
         Flow(table=Table.ARP_RESPONDER, priority=PRIO_DEFAULT, actions="drop"),
         # CONNTRACK and CT_STATE
-        Flow(table=Table.CONNTRACK, priority=PRIO_ANY_IP, match="ip", actions=ct),
+        Flow(table=Table.CONNTRACK, priority=PRIO_ANY_IP, match="ip", actions=ct_track(Table.CT_STATE)),
         Flow(table=Table.CONNTRACK, priority=PRIO_DEFAULT, actions="drop"),
         Flow(table=Table.CT_STATE, priority=PRIO_GATEWAY, match="ct_state=+inv+trk,ip", actions="drop"),
-        Flow(table=Table.CT_STATE, priority=PRIO_DEFAULT, actions=_goto(Table.EGRESS)),
+        Flow(table=Table.CT_STATE, priority=PRIO_DEFAULT, actions=goto(Table.EGRESS)),
         # EGRESS: a pod may always reach its own node (gateway or node IP)
         *_policy_stage(
             Table.EGRESS,
@@ -139,7 +125,7 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
         Flow(
             table=Table.L3_FORWARD,
             priority=PRIO_NO_HAIRPIN,
-            match=f"ip,{src}={Source.TUNNEL:#x}",
+            match=f"ip,{FROM_TUNNEL.match}",
             actions="drop",
         ),  # from the tunnel, only local destinations
         Flow(
@@ -149,7 +135,7 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             actions="drop",
         ),  # a pod CIDR no node owns
         Flow(
-            table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{src}={Source.GATEWAY:#x}", actions="drop"
+            table=Table.L3_FORWARD, priority=PRIO_LOW, match=f"ip,{FROM_GATEWAY.match}", actions="drop"
         ),  # the host sent something it should have routed itself: no loop
         Flow(
             table=Table.L3_FORWARD, priority=PRIO_ANY_IP, match="ip", actions=_to_port(gw, GATEWAY_MAC)
@@ -166,9 +152,9 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             table=Table.OUTPUT,
             priority=PRIO_LOW,
             match="ct_state=+new+trk,ip",
-            actions=f"ct(commit,zone={CT_ZONE}),output:NXM_NX_{REG_OUT_PORT.upper()}[]",
+            actions=f"{CT_COMMIT},{output(REG_OUT_PORT)}",
         ),
-        Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=f"output:NXM_NX_{REG_OUT_PORT.upper()}[]"),
+        Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=output(REG_OUT_PORT)),
     ]
 
 
@@ -177,32 +163,15 @@ def _policy_stage(table: Table, then: Table, exempt: list[str]) -> list[Flow]:
     policy, the node exemption, and a pass-through default; rules (kvswitch.policy.flows) and the
     isolation drops sit between them."""
     return [
-        Flow(
-            table=table, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip", actions=_goto(then)
-        ),
-        *(Flow(table=table, priority=PRIO_POLICY_NODE, match=m, actions=_goto(then)) for m in exempt),
-        Flow(table=table, priority=PRIO_DEFAULT, actions=_goto(then)),
+        Flow(table=table, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip", actions=goto(then)),
+        *(Flow(table=table, priority=PRIO_POLICY_NODE, match=m, actions=goto(then)) for m in exempt),
+        Flow(table=table, priority=PRIO_DEFAULT, actions=goto(then)),
     ]
-
-
-def _arp_reply_any(mac: str) -> str:
-    """ARP reply for whatever address was asked (the requested tpa becomes the spa)."""
-    return (
-        "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],"
-        f"set_field:{mac}->eth_src,"
-        "set_field:2->arp_op,"
-        "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],"
-        f"set_field:{mac}->arp_sha,"
-        "move:NXM_OF_ARP_TPA[]->NXM_NX_REG2[],"
-        "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
-        "move:NXM_NX_REG2[]->NXM_OF_ARP_SPA[],"
-        "IN_PORT"
-    )
 
 
 def _to_port(ofport: int, dst_mac: str, src_mac: str | None = None, then: Table = Table.OUTPUT) -> str:
     rewrite = f"set_field:{src_mac}->eth_src," if src_mac else ""
-    return f"{rewrite}set_field:{dst_mac}->eth_dst,set_field:{ofport:#x}->{REG_OUT_PORT},{_goto(then)}"
+    return f"{rewrite}set_field:{dst_mac}->eth_dst,{REG_OUT_PORT.load(ofport)},{goto(then)}"
 
 
 def pod_flows(pod: LocalPod) -> list[Flow]:
@@ -213,19 +182,19 @@ def pod_flows(pod: LocalPod) -> list[Flow]:
             table=Table.CLASSIFIER,
             priority=PRIO_POD,
             match=f"in_port={p}",
-            actions=f"set_field:{Source.POD:#x}->{REG_SOURCE},{_goto(Table.SPOOF_GUARD)}",
+            actions=f"{FROM_POD.load},{goto(Table.SPOOF_GUARD)}",
         ),
         Flow(
             table=Table.SPOOF_GUARD,
             priority=PRIO_POD,
             match=f"ip,in_port={p},dl_src={pod.mac},nw_src={pod.ip}",
-            actions=_goto(Table.CONNTRACK),
+            actions=goto(Table.CONNTRACK),
         ),
         Flow(
             table=Table.SPOOF_GUARD,
             priority=PRIO_POD,
             match=f"arp,in_port={p},dl_src={pod.mac},arp_spa={pod.ip},arp_op=1,arp_sha={pod.mac}",
-            actions=_goto(Table.ARP_RESPONDER),
+            actions=goto(Table.ARP_RESPONDER),
         ),
         Flow(
             table=Table.ARP_RESPONDER,
@@ -254,8 +223,8 @@ def remote_node_flows(node: RemoteNode, tunnel_ofport: int) -> list[Flow]:
                 f"set_field:{GATEWAY_MAC}->eth_src,"
                 f"set_field:{node.overlay_ip}->tun_dst,"
                 f"set_field:{TUNNEL_KEY:#x}->tun_id,"
-                f"set_field:{tunnel_ofport:#x}->{REG_OUT_PORT},"
-                f"{_goto(Table.OUTPUT)}"
+                f"{REG_OUT_PORT.load(tunnel_ofport)},"
+                f"{goto(Table.OUTPUT)}"
             ),
         )
     ]

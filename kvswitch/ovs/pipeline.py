@@ -1,12 +1,20 @@
 """Every name of the OpenFlow pipeline, defined once: tables, registers, conntrack, cookie layout.
 
 See docs/pipeline.md for the table-by-table description. Flow builders import names from here
-and never spell a table number, register or cookie bit themselves.
+and never spell a table number, register or cookie bit themselves (tests/test_pipeline_names.py
+checks the source of every other module for register, NXM register and ``goto_table`` spellings).
+
+One section per concern: cookies, tables, registers (fields and marks), actions (jumps and register
+moves), conntrack, the ARP responder, ports and addresses, priorities. A new concern (a Service
+proxy, say) adds its own tables to :class:`Table`, its own :class:`RegField`/:class:`RegMark`
+values under registers, and its own section of actions. Everything renders in the text OVS prints
+(``ovs-ofctl -O OpenFlow15``), so desired and live flows compare as strings.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -83,14 +91,165 @@ class Table(IntEnum):
 
 
 # --- registers -------------------------------------------------------------------------------
-REG_SOURCE = "reg0"  # where the packet entered: one of Source
-REG_OUT_PORT = "reg1"  # ofport chosen by L3_FORWARD for OUTPUT
+def _hex(value: int) -> str:
+    """A number as OVS prints it in matches and set_field: ``0``, else ``0x..``."""
+    return f"{value:#x}" if value else "0"
+
+
+@dataclass(frozen=True)
+class RegField:
+    """Bits ``lo..hi`` (inclusive) of register ``reg`` (OVS has reg0..reg15, 32 bits each)."""
+
+    reg: int
+    lo: int = 0
+    hi: int = 31
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.reg <= 15 and 0 <= self.lo <= self.hi <= 31):
+            raise ValueError(f"no such register field: reg{self.reg}[{self.lo}..{self.hi}]")
+
+    @property
+    def name(self) -> str:
+        """The register's match/set_field name, ``reg1``."""
+        return f"reg{self.reg}"
+
+    @property
+    def width(self) -> int:
+        return self.hi - self.lo + 1
+
+    @property
+    def full(self) -> bool:
+        return self.width == 32
+
+    @property
+    def mask(self) -> int:
+        return ((1 << self.width) - 1) << self.lo
+
+    @property
+    def nxm(self) -> str:
+        """The field as a move/output operand: ``NXM_NX_REG1[]``, ``NXM_NX_REG1[0..15]``, ``…[7]``."""
+        if self.full:
+            bits = ""
+        elif self.width == 1:
+            bits = str(self.lo)
+        else:
+            bits = f"{self.lo}..{self.hi}"
+        return f"NXM_NX_REG{self.reg}[{bits}]"
+
+    def _shifted(self, value: int) -> int:
+        if not 0 <= value < 1 << self.width:
+            raise ValueError(f"{value:#x} does not fit in {self.nxm}")
+        return value << self.lo
+
+    def match(self, value: int) -> str:
+        """Match the field holding ``value``: ``reg0=0x3``, or ``reg0=0x30/0xf0`` for part of one."""
+        v = _hex(self._shifted(value))
+        return f"{self.name}={v}" if self.full else f"{self.name}={v}/{self.mask:#x}"
+
+    def load(self, value: int) -> str:
+        """Write ``value`` into the field: ``set_field:0x3->reg0`` / ``set_field:0x30/0xf0->reg0``
+        (OpenFlow 1.5's spelling of ``load:0x3->NXM_NX_REG0[4..7]``; OVS prints set_field)."""
+        v = _hex(self._shifted(value))
+        return f"set_field:{v}->{self.name}" if self.full else f"set_field:{v}/{self.mask:#x}->{self.name}"
+
+    def mark(self, value: int) -> RegMark:
+        return RegMark(self, value)
+
+
+@dataclass(frozen=True)
+class RegMark:
+    """A field with a fixed value: what one stage sets and a later stage matches."""
+
+    field: RegField
+    value: int
+
+    def __post_init__(self) -> None:
+        self.field.match(self.value)  # refuses a value that does not fit
+
+    @property
+    def match(self) -> str:
+        return self.field.match(self.value)
+
+    @property
+    def load(self) -> str:
+        return self.field.load(self.value)
 
 
 class Source(IntEnum):
     GATEWAY = 1
     TUNNEL = 2
     POD = 3
+
+
+REG_SOURCE = RegField(0)  # where the packet entered: one of Source (set by CLASSIFIER)
+FROM_GATEWAY = REG_SOURCE.mark(Source.GATEWAY)
+FROM_TUNNEL = REG_SOURCE.mark(Source.TUNNEL)
+FROM_POD = REG_SOURCE.mark(Source.POD)
+REG_OUT_PORT = RegField(1)  # ofport chosen by L3_FORWARD for OUTPUT
+REG_SCRATCH = RegField(2)  # within one action list only (the ARP responder's address swap)
+
+
+# --- actions: jumps and register moves -------------------------------------------------------
+def goto(table: Table) -> str:
+    return f"goto_table:{int(table)}"
+
+
+def move(src: RegField | str, dst: RegField | str) -> str:
+    """Copy a field: a :class:`RegField` or an NXM operand such as ``NXM_OF_ARP_TPA[]``."""
+    s = src.nxm if isinstance(src, RegField) else src
+    d = dst.nxm if isinstance(dst, RegField) else dst
+    return f"move:{s}->{d}"
+
+
+def output(field: RegField) -> str:
+    """Send to the port number held in ``field``."""
+    return f"output:{field.nxm}"
+
+
+# --- conntrack -------------------------------------------------------------------------------
+CT_ZONE = 1  # conntrack zone of pod traffic
+
+
+def ct_track(then: Table) -> str:
+    """Send the packet through conntrack; it continues in ``then`` with ``ct_state`` set."""
+    return f"ct(table={int(then)},zone={CT_ZONE})"
+
+
+CT_COMMIT = f"ct(commit,zone={CT_ZONE})"
+
+
+# --- ARP responder ---------------------------------------------------------------------------
+# An ARP request is turned into its reply in place and sent back where it came from.
+_ETH_SRC, _ETH_DST = "NXM_OF_ETH_SRC[]", "NXM_OF_ETH_DST[]"
+_ARP_SHA, _ARP_THA = "NXM_NX_ARP_SHA[]", "NXM_NX_ARP_THA[]"
+_ARP_SPA, _ARP_TPA = "NXM_OF_ARP_SPA[]", "NXM_OF_ARP_TPA[]"
+
+
+def _arp_reply(mac: str, spa: list[str]) -> str:
+    return ",".join(
+        [
+            move(_ETH_SRC, _ETH_DST),
+            f"set_field:{mac}->eth_src",
+            "set_field:2->arp_op",
+            move(_ARP_SHA, _ARP_THA),
+            f"set_field:{mac}->arp_sha",
+            *spa,
+            "IN_PORT",
+        ]
+    )
+
+
+def arp_reply(ip: str, mac: str) -> str:
+    """The reply ``ip`` is-at ``mac``."""
+    return _arp_reply(mac, [move(_ARP_SPA, _ARP_TPA), f"set_field:{ip}->arp_spa"])
+
+
+def arp_reply_any(mac: str) -> str:
+    """The reply is-at ``mac`` for whatever address was asked: the requested tpa becomes the spa,
+    swapped through :data:`REG_SCRATCH`."""
+    return _arp_reply(
+        mac, [move(_ARP_TPA, REG_SCRATCH), move(_ARP_SPA, _ARP_TPA), move(REG_SCRATCH, _ARP_SPA)]
+    )
 
 
 # --- fixed ports and addresses ---------------------------------------------------------------
@@ -100,7 +259,6 @@ GATEWAY_OFPORT = 65001
 TUNNEL_OFPORT = 65000
 GATEWAY_MAC = "02:6b:76:00:00:01"  # the virtual router MAC every pod and the host see
 TUNNEL_KEY = 1  # VNI / GRE key of the pod network
-CT_ZONE = 1  # conntrack zone of pod traffic
 
 # --- priorities ------------------------------------------------------------------------------
 PRIO_DEFAULT = 0

@@ -19,6 +19,7 @@ from kvswitch.ovs.pipeline import (
     PRIO_POLICY_CONJ,
     PRIO_POLICY_ISOLATED,
     Table,
+    goto,
 )
 from kvswitch.policy.compute import PolicyResult, PortRange
 from kvswitch.policy.model import PodInfo
@@ -97,7 +98,7 @@ def policy_flows(result: PolicyResult, local_pods: Iterable[PodInfo], ids: ConjI
     dims: dict[tuple[Table, str], list[str]] = defaultdict(list)  # (table, match) -> conjunction actions
     for clause in relevant:
         table = Table.INGRESS if clause.ingress else Table.EGRESS
-        allow = f"goto_table:{Table.OUTPUT if clause.ingress else Table.L3_FORWARD}"
+        allow = goto(Table.OUTPUT if clause.ingress else Table.L3_FORWARD)
         target_field, peer_field = ("nw_dst", "nw_src") if clause.ingress else ("nw_src", "nw_dst")
         target_matches = [f"ip,{target_field}={local[t].ip}" for t in sorted(clause.targets & local.keys())]
         if clause.peers is None and clause.ports is None:
