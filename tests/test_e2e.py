@@ -27,15 +27,29 @@ from tests.conftest import register_run
 BR = "k-vswitch0"
 
 
+SLOW_CALLBACK_MS = 100
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = Cluster(nodes=3, overlay="vxlan")
+    c = Cluster(nodes=3, overlay="vxlan", asyncio_slow_ms=SLOW_CALLBACK_MS)
     register_run(c.bed.run_id)
     with c:
         for node in c.bed.nodes.values():
             for i in range(2):
                 c.add_pod(node, f"{node.name}-p{i}", labels={"app": f"a{i}"})
         yield c
+
+
+@pytest.fixture(autouse=True)
+def _agents_never_block_their_event_loop(cluster: Cluster) -> Iterator[None]:
+    """The agents run with asyncio's slow-callback detection; a report fails the test it came in
+    (the first test also answers for the cluster's start)."""
+    yield
+    slow = cluster.slow_callbacks()
+    assert not slow, f"an agent's event loop was blocked for {SLOW_CALLBACK_MS} ms or more:\n" + "\n".join(
+        slow
+    )
 
 
 def endpoints(c: Cluster) -> list[tuple[str, str, str]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -145,12 +146,12 @@ class TestOvsdb:
 
         t = asyncio.create_task(ticker())
         try:
-            await adb.call(adb.db.ensure_port, BR, "gw1", "internal")
+            await adb.ensure_port(BR, "gw1", "internal")
             # Waiting for a port that never appears must not freeze the event loop.
             with pytest.raises(OvsdbError, match="timed out"):
-                await adb.call(adb.db.wait_ofport, "ghost", 0.5)
+                await adb.wait_ofport("ghost", 0.5)
             assert ticks > 20
-            assert await adb.call(adb.db.wait_ofport, "gw1") > 0
+            assert await adb.wait_ofport("gw1") > 0
         finally:
             t.cancel()
             await adb.close()
@@ -293,6 +294,47 @@ class TestReconciler:
         assert switch.raw_dump() == desired_dump
         assert await can_ping(switch, attempts=3)
 
+    async def test_resync_keeps_the_event_loop_running(
+        self, switch: Switch, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Canonicalisation (an ovs-ofctl process) and the comparison run off the loop: the agent's
+        loop also serves CNI calls. A slowed-down ovs-ofctl must not stall a ticker."""
+        rec = FlowReconciler(switch.ofctl)
+        authored = [
+            Flow(table=5, priority=1, match="ip,tcp", actions="mod_dl_src:02:00:00:00:00:01,resubmit(,6)")
+        ]
+        await rec.set_flows(A, authored)  # not OVS's text: resync has to ask ovs-ofctl
+        asked = []
+        real = rec._canon._ask_ovs
+
+        def slow_ovs(
+            keys: list[tuple[int, int, str, str]],
+        ) -> Mapping[tuple[int, int, str, str], tuple[str, str]]:
+            time.sleep(0.3)
+            asked.append(keys)
+            return real(keys)
+
+        monkeypatch.setattr(rec._canon, "_ask_ovs", slow_ovs)
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        t = asyncio.create_task(ticker())
+        try:
+            assert not (await rec.resync()).changed
+            await asyncio.sleep(0.05)  # the ticker notes a stall that lasted until resync returned
+        finally:
+            t.cancel()
+        assert asked and gaps
+        assert max(gaps) < 0.15, f"the loop stalled for {max(gaps):.3f}s during resync"
+        assert len(gaps) > 10
+
     async def test_new_round_replaces_flows_without_losing_a_packet(self, switch: Switch) -> None:
         adb = await AsyncOvsdb.connect(switch.node.ovs.db_remote)
         try:
@@ -307,7 +349,7 @@ class TestReconciler:
             await asyncio.sleep(0.5)
             new = FlowReconciler(switch.ofctl)  # the restarted agent: empty memory
             assert await new.start(adb, BR) == 2
-            ids = await adb.call(adb.db.get_external_ids, "Bridge", BR)
+            ids = await adb.get_external_ids("Bridge", BR)
             assert ids[ROUND_EXTERNAL_ID] == "2"
             for owner, flows in switch.forward().items():
                 await new.set_flows(owner, flows)
@@ -348,7 +390,7 @@ class TestReconciler:
             await rec.start(adb, BR)
             await rec.set_many(switch.forward())
             switch.node.ovs.kill_vswitchd()
-            await adb.call(adb.db.set_other_config, {"flow-restore-wait": "true"})
+            await adb.set_other_config({"flow-restore-wait": "true"})
             switch.node.ovs.start_vswitchd()
             switch.node.ovs.wait_bridge(BR)
             # what a restarted agent does: new round, all owners, then finish
@@ -356,7 +398,7 @@ class TestReconciler:
             await rec2.start(adb, BR)
             await rec2.set_many(switch.forward())
             await rec2.finish_startup(adb)
-            other = await adb.call(adb.db.get_other_config)
+            other = await adb.get_other_config()
             assert "flow-restore-wait" not in other
             assert await can_ping(switch, attempts=3)
             assert {f.key for f in await switch.ofctl.dump()} == {f.key for f in rec2.desired()}

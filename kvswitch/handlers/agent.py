@@ -8,7 +8,9 @@ which attachments are gone; all Pods, Namespaces and NetworkPolicies feed the po
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from typing import Any, cast
 
 import kopf
@@ -25,6 +27,7 @@ SETTINGS = AgentSettings.from_env()
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    report_slow_callbacks(os.environ.get("KVSWITCH_ASYNCIO_DEBUG_SLOW_MS"))
     # Pods are watched cluster-wide: NetworkPolicy peers live on every node.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 4
@@ -41,6 +44,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     await agent.sync_ports()
     await agent.apply_policy()
     await agent.finish_startup()
+
+
+def report_slow_callbacks(ms: str | None) -> None:
+    """With ``ms`` set (tests: KVSWITCH_ASYNCIO_DEBUG_SLOW_MS=100), asyncio's debug mode on this
+    loop only: it logs "Executing <callback> took N seconds" for whatever holds the loop that long
+    (this loop also serves CNI calls, so nothing on it may block)."""
+    if ms:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = int(ms) / 1000
 
 
 async def load_policy_inputs(api: Any, agent: NodeAgent) -> None:

@@ -3,7 +3,8 @@
 Desired and live flows compare exactly: live flows are parsed from ``dump-flows --no-stats``, and a
 desired flow whose authored text is not byte-identical to OVS's rendering is canonicalised once
 through ``ovs-ofctl parse-flows`` (OVS's own normaliser: field order, ``ip,tcp`` → ``tcp``,
-``mod_dl_src`` → ``set_field``, ``ct()`` argument order, …) and the answer cached.
+``mod_dl_src`` → ``set_field``, ``ct()`` argument order, …) and the answer cached. That call blocks:
+asyncio code runs it in a worker thread (see ``FlowReconciler.resync``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def _parse_flow_mod_line(line: str) -> tuple[int, int, str, str]:
 
 
 class Canonicalizer:
-    """Maps authored flow text to OVS's canonical rendering, asking ``ovs-ofctl parse-flows``."""
+    """Maps authored flow text to OVS's canonical rendering, asking ``ovs-ofctl parse-flows``.
+
+    Blocking (a subprocess for what is not cached yet): from asyncio, call it in a worker thread.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[AuthoredFlow, tuple[str, str]] = {}

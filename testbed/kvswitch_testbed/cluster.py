@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvswitch.node.agent import CONFLIST_NAME
+from kvswitch.cni.contract import CONFLIST_NAME
 from kvswitch_testbed.apiserver import ApiServerThread, write_kubeconfig
 from kvswitch_testbed.bed import UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
 from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
@@ -37,6 +38,14 @@ EXTERNAL_IP = str(UNDERLAY.network_address + EXTERNAL_INDEX)
 CRD_DIR = Path(__file__).resolve().parent / "crds"  # the chart's CRDs, shipped as package data
 CRD_FILE = CRD_DIR / "kvswitch.io_vswitchconfigs.yaml"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
+# asyncio's debug-mode warning for a callback that held the event loop too long
+SLOW_CALLBACK = re.compile(r"Executing .* took \d+(?:\.\d+)? seconds")
+# ...except kopf's first API request, once per process: it builds its aiohttp session and an SSL
+# context from the system CA store on the loop (~20 ms idle, 100-140 ms while three agents start on
+# two cores). No code of ours runs in that step: the report names kopf's API scan at its first await.
+KOPF_FIRST_REQUEST = re.compile(
+    r"coro=<_read_(?:new_apis|old_api)\(\) running at \S*/kopf/_cogs/clients/scanning\.py:\d+>"
+)
 
 
 def _bin(name: str) -> str:
@@ -93,6 +102,9 @@ class Cluster:
     api: ApiServerThread | None = None
     kube: KubeClient | None = None
     external_ns: str = ""
+    # agents log every event-loop callback that takes this long (asyncio debug mode on their loop)
+    asyncio_slow_ms: int | None = None
+    _log_offsets: dict[str, int] = field(default_factory=dict)
 
     @property
     def workdir(self) -> Path:
@@ -187,6 +199,11 @@ class Cluster:
             "KVSWITCH_CNI_SOCKET": str(d / "cni.sock"),
             "KVSWITCH_IPAM_DATA_DIR": str(d / "ipam"),
             "KVSWITCH_RESYNC_INTERVAL": "30",
+            **(
+                {"KVSWITCH_ASYNCIO_DEBUG_SLOW_MS": str(self.asyncio_slow_ms)}
+                if self.asyncio_slow_ms is not None
+                else {}
+            ),
         }
 
     def start_agent(self, node: Node) -> Process:
@@ -242,6 +259,26 @@ class Cluster:
             text = p.log.read_text(errors="replace").splitlines()[-lines:] if p.log.exists() else []
             out.append(f"--- {p.name} (exit {p.popen.poll()}) ---\n" + "\n".join(text))
         return "\n".join(out)
+
+    def slow_callbacks(self) -> list[str]:
+        """asyncio's slow-callback warnings (see ``asyncio_slow_ms``) the agents logged since the
+        previous call: each one is a moment an agent's event loop, which also serves CNI, was blocked."""
+        found = []
+        for name, proc in self.processes.items():
+            if not name.startswith("agent-") or not proc.log.exists():
+                continue
+            start = self._log_offsets.get(name, 0)
+            with open(proc.log, "rb") as f:
+                f.seek(start)
+                data = f.read()
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+            self._log_offsets[name] = start + len(complete)
+            found += [
+                f"{name}: {line}"
+                for line in complete.decode(errors="replace").splitlines()
+                if SLOW_CALLBACK.search(line) and not KOPF_FIRST_REQUEST.search(line)
+            ]
+        return found
 
     def edit_vswitchconfig(self, name: str, spec: dict[str, Any]) -> int:
         """Patch a VSwitchConfig spec as a user would; returns the new generation."""
