@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/testbed.py
 	$(PY) bench/flows.py
 	$(PY) bench/cni.py
+	$(PY) bench/netlink.py
 	$(PY) bench/policy.py
 
 sandbox: setup

@@ -1,36 +1,29 @@
-"""Kernel side of an attachment: namespaces, the veth pair, addresses, routes, one ethtool ioctl.
+"""The CNI's side of the kernel layer: an attachment's veth, addresses and routes, CNI errors.
 
-Everything here blocks (netlink requests are answered synchronously by the kernel) and is meant
-to run on a worker thread. Sockets for another network namespace are opened by a short-lived
-thread that setns(2)s into it: a socket stays in the namespace it was created in, so no thread
-of the caller ever moves (pyroute2's ``netns=`` forks a process per socket instead).
+The netlink work itself is :mod:`kvswitch.kernel` (rtnetlink, namespaces, ethtool); this module
+puts an attachment's steps together and turns kernel failures into CNI error codes. Everything
+here blocks (netlink requests are answered synchronously by the kernel) and is meant to run on a
+worker thread. Sockets for the pod's namespace are opened by a short-lived thread that setns(2)s
+into it (:func:`kvswitch.kernel.netns.sockets_in`), so no thread of the caller ever moves.
 """
 
 from __future__ import annotations
 
-import array
-import ctypes
 import errno
-import fcntl
 import ipaddress
 import os
 import secrets
 import socket
-import struct
-import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvswitch.cni.result import IPAddress, IPInterface, Route
-from kvswitch.cni.rtnl import RT_SCOPE_LINK, RT_TABLE_MAIN, Rtnl
 from kvswitch.cni.spec import CniError, Code
+from kvswitch.kernel.ethtool import tx_checksum_off
+from kvswitch.kernel.netns import NotANetworkNamespace, open_netns, sockets_in
+from kvswitch.kernel.rtnl import RT_SCOPE_LINK, RT_TABLE_MAIN, Rtnl
+from kvswitch.kernel.rtnl import open_rtnl as open_rtnl
 
-CLONE_NEWNET = 0x40000000
-NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
-SIOCETHTOOL = 0x8946
-ETHTOOL_STXCSUM = 0x17
 ALIAS_PREFIX = "k-vswitch-cni"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Netns:
@@ -39,20 +32,15 @@ class Netns:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = open_netns(path)
         except FileNotFoundError:
             raise CniError(
                 Code.UNKNOWN_CONTAINER, "the container's network namespace does not exist", path
             ) from None
+        except NotANetworkNamespace:
+            raise CniError(Code.INVALID_ENV, "CNI_NETNS is not a network namespace", path) from None
         except OSError as exc:
             raise CniError(Code.IO_FAILURE, "cannot open the network namespace", f"{path}: {exc}") from None
-        try:
-            nstype = fcntl.ioctl(self.fd, NS_GET_NSTYPE)
-        except OSError:
-            nstype = -1
-        if nstype != CLONE_NEWNET:
-            os.close(self.fd)
-            raise CniError(Code.INVALID_ENV, "CNI_NETNS is not a network namespace", path)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -64,38 +52,6 @@ class Netns:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def sockets_in(netns_fd: int, specs: Iterable[tuple[int, int, int]]) -> list[socket.socket]:
-    """Open sockets (family, type, proto) inside the namespace ``netns_fd``."""
-    out: list[socket.socket] = []
-    failure: list[BaseException] = []
-
-    def enter_and_open() -> None:
-        try:
-            if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns: {os.strerror(err)}")
-            out.extend(socket.socket(*spec) for spec in specs)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=enter_and_open, name="kvs-cni-setns")
-    thread.start()
-    thread.join()
-    if failure:
-        for s in out:
-            s.close()
-        raise failure[0]
-    return out
-
-
-def open_rtnl(netns_fd: int | None = None) -> Rtnl:
-    """An rtnetlink socket in the namespace ``netns_fd`` (None: the caller's)."""
-    if netns_fd is None:
-        return Rtnl()
-    (sock,) = sockets_in(netns_fd, [(socket.AF_NETLINK, socket.SOCK_RAW, 0)])
-    return Rtnl(sock)
 
 
 def kernel_error(what: str, exc: OSError) -> CniError:
@@ -161,13 +117,6 @@ def host_side_up(host: Rtnl, host_if: str, alias: str) -> None:
         raise kernel_error(f"cannot bring up {host_if}", exc) from None
 
 
-def tx_checksum_off(sock: socket.socket, ifname: str) -> None:
-    """``ethtool -K IFNAME tx off``: OVS's userspace datapath does not fill in offloaded checksums."""
-    value = array.array("I", [ETHTOOL_STXCSUM, 0])
-    ifr = struct.pack("16sP", ifname.encode(), value.buffer_info()[0])
-    fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifr)
-
-
 def configure_pod(
     pod_ns: Netns,
     ifname: str,
@@ -209,8 +158,8 @@ def route_device_mtu(host: Rtnl, device: str | None) -> int | None:
                 raise CniError(Code.INVALID_CONFIG, f"underlayInterface {device} does not exist on this node")
             return link.mtu
         for family in (socket.AF_INET, socket.AF_INET6):
-            for route in host.routes(family):
-                if route.table == RT_TABLE_MAIN and route.dst.endswith("/0") and route.oif:
+            for route in host.routes(family, RT_TABLE_MAIN):
+                if route.dst.endswith("/0") and route.oif:
                     found = host.link(index=route.oif)
                     if found is not None:
                         return found.mtu
@@ -240,7 +189,7 @@ def inspect_pod(pod_ns: Netns, ifname: str) -> PodInterface | None:
             state = PodInterface(mac=link.mac, mtu=link.mtu, up=link.up)
             state.addresses = {a.address for a in pod.addresses(link.index)}
             for family in (socket.AF_INET, socket.AF_INET6):
-                state.routes |= {(r.dst, r.gateway) for r in pod.routes(family) if r.table == RT_TABLE_MAIN}
+                state.routes |= {(r.dst, r.gateway) for r in pod.routes(family, RT_TABLE_MAIN)}
             return state
         except OSError as exc:
             raise kernel_error(f"cannot inspect {ifname} in {pod_ns.path}", exc) from None

@@ -24,7 +24,6 @@ from kvswitch.cni.client import Reply
 from kvswitch.cni.config import CniEnv, NetConf, Request, decode_stdin, parse_env, parse_request
 from kvswitch.cni.ipam import HOST_LOCAL, IpamDelegate, find_plugin, host_local_allocations
 from kvswitch.cni.result import Dns, Interface, IPConfig, Result, Route
-from kvswitch.cni.rtnl import Rtnl
 from kvswitch.cni.spec import (
     FAILPOINT_ENV,
     PLUGIN_NAME,
@@ -34,6 +33,7 @@ from kvswitch.cni.spec import (
     at_least,
     version_reply,
 )
+from kvswitch.kernel.rtnl import Rtnl
 from kvswitch.ovs.ovsdb import AsyncOvsdb, Ovsdb, OvsdbError
 
 log = logging.getLogger(__name__)

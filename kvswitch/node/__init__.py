@@ -1,1 +1,1 @@
-"""The node agent's host side: kernel networking (pyroute2, nftables) and the agent core."""
+"""The node agent's host side: host networking (over kvswitch.kernel; nftables) and the agent core."""

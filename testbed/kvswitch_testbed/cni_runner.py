@@ -8,52 +8,17 @@ the cost of ``ip netns exec`` (which would also distort the latency comparison).
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import os
 import subprocess
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-CLONE_NEWNET = 0x40000000
-NETNS_DIR = Path("/var/run/netns")
-_libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
-
-
-def netns_path(name: str) -> str:
-    return str(NETNS_DIR / name)
-
-
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a new thread that first enters ``netns`` (a name or a path)."""
-    if netns is None:
-        return fn()
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fd = os.open(netns if netns.startswith("/") else netns_path(netns), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=body, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+# The setns(2) thread helper and the namespace paths are the product's kernel layer's.
+from kvswitch.kernel.netns import in_netns as in_netns
+from kvswitch.kernel.netns import netns_path as netns_path
 
 
 @dataclass

@@ -11,11 +11,9 @@ import asyncio
 import socket
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
 
-from kvswitch_testbed.cni_runner import in_netns as in_thread_netns
-
-NETNS_DIR = Path("/var/run/netns")
+from kvswitch.kernel.netns import NETNS_DIR
+from kvswitch.kernel.netns import in_netns as in_thread_netns
 
 
 class CommandError(RuntimeError):
