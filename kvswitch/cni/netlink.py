@@ -23,8 +23,6 @@ from kvswitch.kernel.netns import NotANetworkNamespace, open_netns, sockets_in
 from kvswitch.kernel.rtnl import RT_SCOPE_LINK, RT_TABLE_MAIN, Rtnl
 from kvswitch.kernel.rtnl import open_rtnl as open_rtnl
 
-ALIAS_PREFIX = "k-vswitch-cni"
-
 
 class Netns:
     """An open network namespace file, e.g. CNI_NETNS; the fd pins the namespace while we work."""
