@@ -111,8 +111,8 @@ class Emulator(Discovery):
     synchronous and must run in the server's event loop; this makes each of them atomic for watchers.
 
     Options (keyword arguments) of the layers: ``watch_cache_size`` and ``max_history`` (store),
-    ``max_events`` (Event expiry), ``bookmark_interval`` (watch), ``kopf_peering`` and
-    ``max_recorded_requests`` (here).
+    ``max_events`` (Event expiry), ``service_cidr``, ``node_port_range`` and ``kubernetes_service``
+    (Services), ``bookmark_interval`` (watch), ``kopf_peering`` and ``max_recorded_requests`` (here).
     """
 
     kopf_peering: bool = True
@@ -134,6 +134,8 @@ class Emulator(Discovery):
         self.resources.load_data(gzip.decompress(bundled))
         for ns in SYSTEM_NAMESPACES:
             self.create_object(self.spec("v1/namespaces"), {"metadata": {"name": ns}})
+        if self.kubernetes_service:
+            self._create_kubernetes_service()
         if self.kopf_peering:
             for crd in KOPF_PEERING_CRDS:
                 self.register_crd(crd)

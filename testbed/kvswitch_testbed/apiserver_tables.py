@@ -125,6 +125,45 @@ def _node_roles(node: Mapping[str, Any]) -> str:
     return ",".join(roles) or "<none>"
 
 
+def _service_external_ip(svc: Mapping[str, Any]) -> str:
+    spec = svc.get("spec") or {}
+    if spec.get("type") == "ExternalName":
+        return str(spec.get("externalName") or "<none>")
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    found = [str(i.get("ip") or i.get("hostname")) for i in ingress] + list(spec.get("externalIPs") or [])
+    if found:
+        return ",".join(found)
+    return "<pending>" if spec.get("type") == "LoadBalancer" else "<none>"
+
+
+def _service_ports(svc: Mapping[str, Any]) -> str:
+    ports = (svc.get("spec") or {}).get("ports") or []
+    shown = [
+        f"{p.get('port')}"
+        + (f":{p['nodePort']}" if p.get("nodePort") else "")
+        + f"/{p.get('protocol', 'TCP')}"
+        for p in ports
+    ]
+    return ",".join(shown) or "<none>"
+
+
+def _selector(svc: Mapping[str, Any]) -> str:
+    selector = (svc.get("spec") or {}).get("selector") or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "<none>"
+
+
+def _slice_ports(eps: Mapping[str, Any]) -> str:
+    return ",".join(str(p.get("port")) for p in eps.get("ports") or []) or "<unset>"
+
+
+def _slice_endpoints(eps: Mapping[str, Any]) -> str:
+    addresses = [a for e in eps.get("endpoints") or [] for a in e.get("addresses") or []]
+    if not addresses:
+        return "<unset>"
+    more = f" + {len(addresses) - 3} more..." if len(addresses) > 3 else ""
+    return ",".join(addresses[:3]) + more
+
+
 BUILTIN_COLUMNS: Mapping[tuple[str, str], Sequence[Column]] = {
     ("", "pods"): [
         NAME,
@@ -162,6 +201,22 @@ BUILTIN_COLUMNS: Mapping[tuple[str, str], Sequence[Column]] = {
         ),
     ],
     ("", "namespaces"): [NAME, (_column("Status"), lambda n: (n.get("status") or {}).get("phase")), AGE],
+    ("", "services"): [
+        NAME,
+        (_column("Type"), lambda s: (s.get("spec") or {}).get("type")),
+        (_column("Cluster-IP"), lambda s: (s.get("spec") or {}).get("clusterIP") or "<none>"),
+        (_column("External-IP"), _service_external_ip),
+        (_column("Port(s)"), _service_ports),
+        AGE,
+        (_column("Selector", priority=1), _selector),
+    ],
+    ("discovery.k8s.io", "endpointslices"): [
+        NAME,
+        (_column("AddressType"), lambda e: e.get("addressType")),
+        (_column("Ports"), _slice_ports),
+        (_column("Endpoints"), _slice_endpoints),
+        AGE,
+    ],
 }
 
 

@@ -17,12 +17,12 @@ import attrs
 import kmock
 
 from kvswitch_testbed import apiserver_tables as tables
-from kvswitch_testbed.apiserver_crds import Crds
+from kvswitch_testbed.apiserver_services import Services
 from kvswitch_testbed.apiserver_types import JSON, Filter, ResourceSpec, error
 
 
 @attrs.define(kw_only=True)
-class Watches(Crds):
+class Watches(Services):
     """Serves ``?watch=true`` requests."""
 
     bookmark_interval: float = 10.0  # seconds between BOOKMARK events on idle watches that allow them
