@@ -51,6 +51,13 @@ class OverlayType(StrEnum):
     GENEVE = "geneve"
 
 
+class ServiceProxy(StrEnum):
+    """Who implements Services: k-vswitch in OpenFlow, or kube-proxy's NAT on the host."""
+
+    OPENFLOW = "openflow"
+    KUBE_PROXY = "kube-proxy"
+
+
 # Bytes an overlay adds to every packet on the underlay (outer Ethernet excluded for MTU purposes).
 
 
@@ -62,6 +69,7 @@ class VSwitchConfigSpec(BaseModel):
     service_cidr: IPv4CIDR = Field(alias="serviceCIDR")
     overlay_type: OverlayType = Field(alias="overlayType")
     overlay_ip: IPv4Addr = Field(alias="overlayIP")
+    service_proxy: ServiceProxy = Field(default=ServiceProxy.OPENFLOW, alias="serviceProxy")
     mtu: int | None = Field(default=None, ge=576, le=9216, strict=True)  # "1450" is refused, as by the CRD
 
     @model_validator(mode="after")
@@ -87,7 +95,11 @@ class VSwitchConfigSpec(BaseModel):
         return self.mtu if self.mtu is not None else underlay_mtu - OVERLAY_OVERHEAD[self.overlay_type.value]
 
     def to_api(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return self.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
+
+    @property
+    def service_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.service_cidr)
 
 
 def parse_spec(spec: Any) -> VSwitchConfigSpec:
@@ -118,6 +130,7 @@ class ControllerSettings(BaseModel):
     cluster_cidr: IPv4CIDR = "10.244.0.0/16"
     service_cidr: IPv4CIDR = "10.96.0.0/12"
     overlay_type: OverlayType = OverlayType.VXLAN
+    service_proxy: ServiceProxy = ServiceProxy.OPENFLOW
     mtu: int | None = Field(default=None, ge=576, le=9216)
 
     @classmethod
@@ -127,6 +140,7 @@ class ControllerSettings(BaseModel):
             ("cluster_cidr", "KVSWITCH_CLUSTER_CIDR"),
             ("service_cidr", "KVSWITCH_SERVICE_CIDR"),
             ("overlay_type", "KVSWITCH_OVERLAY_TYPE"),
+            ("service_proxy", "KVSWITCH_SERVICE_PROXY"),
             ("mtu", "KVSWITCH_MTU"),
         ]:
             if (v := _env(var)) is not None:

@@ -8,32 +8,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvswitch.config import VSwitchConfigSpec
+from kvswitch.config import ServiceProxy, VSwitchConfigSpec
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.pipeline import (
-    CT_COMMIT,
+    AFFINITY_HIT,
     FROM_GATEWAY,
     FROM_POD,
     FROM_TUNNEL,
     GATEWAY_MAC,
+    HAIRPIN_SNAT,
+    HAIRPIN_SNAT_IP,
     PRIO_ANY_IP,
     PRIO_CLUSTER,
     PRIO_DEFAULT,
     PRIO_GATEWAY,
+    PRIO_HAIRPIN,
     PRIO_LOW,
     PRIO_NO_HAIRPIN,
     PRIO_POD,
     PRIO_POLICY_ESTABLISHED,
     PRIO_POLICY_NODE,
     PRIO_REMOTE,
+    PRIO_REPLY_TO_GATEWAY,
+    PRIO_SERVICE_AFFINITY,
+    PRIO_SKIP_EGRESS,
+    REG_AFFINITY,
     REG_OUT_PORT,
     TUNNEL_KEY,
+    CtMark,
     Table,
     arp_reply,
     arp_reply_any,
-    ct_track,
+    ct_commit,
+    ct_mark_match,
+    ct_track_nat,
+    ct_unsnat,
     goto,
     output,
+    resubmit,
 )
 
 
@@ -96,30 +108,75 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             match=f"arp,arp_tpa={spec.gateway_ip},arp_op=1",
             actions=arp_reply(spec.gateway_ip, GATEWAY_MAC),
         ),
-        # the host resolves any cluster address to the router MAC; L3_FORWARD routes by IP
+        # the host resolves any cluster or Service address to the router MAC; L3_FORWARD routes by IP
         Flow(
             table=Table.ARP_RESPONDER,
             priority=PRIO_CLUSTER,
             match=f"arp,in_port={gw},arp_tpa={spec.cluster_cidr},arp_op=1",
             actions=arp_reply_any(GATEWAY_MAC),
         ),
+        Flow(
+            table=Table.ARP_RESPONDER,
+            priority=PRIO_CLUSTER,
+            match=f"arp,in_port={gw},arp_tpa={spec.service_cidr},arp_op=1",
+            actions=arp_reply_any(GATEWAY_MAC),
+        ),
         Flow(table=Table.ARP_RESPONDER, priority=PRIO_DEFAULT, actions="drop"),
-        # CONNTRACK and CT_STATE
-        Flow(table=Table.CONNTRACK, priority=PRIO_ANY_IP, match="ip", actions=ct_track(Table.CT_STATE)),
+        # CONNTRACK: a reply to a hairpin connection loses its SNAT first; then CT_ZONE (with NAT)
+        Flow(
+            table=Table.CONNTRACK,
+            priority=PRIO_HAIRPIN,
+            match=f"ip,nw_dst={HAIRPIN_SNAT_IP}",
+            actions=ct_unsnat(Table.CT_ZONE),
+        ),
+        Flow(table=Table.CONNTRACK, priority=PRIO_ANY_IP, match="ip", actions=goto(Table.CT_ZONE)),
         Flow(table=Table.CONNTRACK, priority=PRIO_DEFAULT, actions="drop"),
+        Flow(table=Table.CT_ZONE, priority=PRIO_ANY_IP, match="ip", actions=ct_track_nat(Table.CT_STATE)),
+        Flow(table=Table.CT_ZONE, priority=PRIO_DEFAULT, actions="drop"),
+        # CT_STATE: a new connection looks for session affinity, then for a Service frontend
         Flow(table=Table.CT_STATE, priority=PRIO_GATEWAY, match="ct_state=+inv+trk,ip", actions="drop"),
+        Flow(
+            table=Table.CT_STATE,
+            priority=PRIO_LOW,
+            match="ct_state=+new+trk,ip",
+            actions=f"{resubmit(Table.SERVICE_AFFINITY)},{goto(Table.SERVICE_LB)}",
+        ),
         Flow(table=Table.CT_STATE, priority=PRIO_DEFAULT, actions=goto(Table.EGRESS)),
+        # SERVICE_AFFINITY holds learned entries only; SERVICE_LB the frontends (kvswitch.services)
+        Flow(table=Table.SERVICE_AFFINITY, priority=PRIO_DEFAULT, actions="drop"),
+        Flow(
+            table=Table.SERVICE_LB,
+            priority=PRIO_SERVICE_AFFINITY,
+            match=f"ct_state=+new+trk,ip,{AFFINITY_HIT.match}",
+            actions=goto(Table.ENDPOINT_DNAT),
+        ),
+        Flow(table=Table.SERVICE_LB, priority=PRIO_DEFAULT, actions=goto(Table.EGRESS)),
+        # an affinity entry whose endpoint is gone: forget it and let the group choose again
+        Flow(
+            table=Table.ENDPOINT_DNAT,
+            priority=PRIO_DEFAULT,
+            actions=f"{REG_AFFINITY.load(0)},{resubmit(Table.SERVICE_LB)}",
+        ),
         # EGRESS: a pod may always reach its own node (gateway or node IP)
         *_policy_stage(
             Table.EGRESS,
             Table.L3_FORWARD,
             [f"{from_pod},nw_dst={spec.gateway_ip}", f"{from_pod},nw_dst={node_ip}"],
         ),
+        *_kube_proxy_egress(spec, from_pod),
         # L3_FORWARD
         Flow(
             table=Table.L3_FORWARD,
             priority=PRIO_GATEWAY,
             match=f"ip,nw_dst={spec.gateway_ip}",
+            actions=_to_port(gw, GATEWAY_MAC),
+        ),
+        # The host handed this connection in after its own NAT (kube-proxy's DNAT): its replies
+        # must meet that NAT again, so they go back through the host instead of straight to the pod.
+        Flow(
+            table=Table.L3_FORWARD,
+            priority=PRIO_REPLY_TO_GATEWAY,
+            match=f"ct_state=+rpl+trk,{ct_mark_match(CtMark.FROM_GATEWAY)},ip",
             actions=_to_port(gw, GATEWAY_MAC),
         ),
         Flow(
@@ -147,14 +204,38 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             Table.OUTPUT,
             [f"{from_host},nw_src={spec.gateway_ip}", f"{from_host},nw_src={node_ip}"],
         ),
-        # OUTPUT: whatever got this far as a new connection is committed, so its replies pass.
-        Flow(
-            table=Table.OUTPUT,
-            priority=PRIO_LOW,
-            match="ct_state=+new+trk,ip",
-            actions=f"{CT_COMMIT},{output(REG_OUT_PORT)}",
+        # OUTPUT: a connection that got this far passed NetworkPolicy: committed as ALLOWED, so its
+        # later packets and replies skip policy (a Service connection was committed at DNAT already,
+        # not yet allowed: its first packets still meet policy).
+        *(
+            Flow(
+                table=Table.OUTPUT,
+                priority=prio,
+                match=f"ct_state={state}+trk,{mark}ip{source}",
+                actions=f"{ct_commit(*bits)},{output(REG_OUT_PORT)}",
+            )
+            for prio, source, bits in (
+                (PRIO_LOW + 1, f",{FROM_GATEWAY.match}", (CtMark.ALLOWED, CtMark.FROM_GATEWAY)),
+                (PRIO_LOW, "", (CtMark.ALLOWED,)),
+            )
+            for state, mark in (("+new", ""), ("-new", f"{ct_mark_match(unset=(CtMark.ALLOWED,))},"))
         ),
         Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=output(REG_OUT_PORT)),
+    ]
+
+
+def _kube_proxy_egress(spec: VSwitchConfigSpec, from_pod: str) -> list[Flow]:
+    """With kube-proxy, a pod's connection to a ClusterIP reaches the host before its DNAT: egress
+    policy judges it when it comes back from the host with the backend as destination."""
+    if spec.service_proxy != ServiceProxy.KUBE_PROXY:
+        return []
+    return [
+        Flow(
+            table=Table.EGRESS,
+            priority=PRIO_SKIP_EGRESS,
+            match=f"{from_pod},nw_dst={spec.service_cidr}",
+            actions=goto(Table.L3_FORWARD),
+        )
     ]
 
 
@@ -163,7 +244,12 @@ def _policy_stage(table: Table, then: Table, exempt: list[str]) -> list[Flow]:
     policy, the node exemption, and a pass-through default; rules (kvswitch.policy.flows) and the
     isolation drops sit between them."""
     return [
-        Flow(table=table, priority=PRIO_POLICY_ESTABLISHED, match="ct_state=-new+trk,ip", actions=goto(then)),
+        Flow(
+            table=table,
+            priority=PRIO_POLICY_ESTABLISHED,
+            match=f"ct_state=-new+trk,{ct_mark_match(CtMark.ALLOWED)},ip",
+            actions=goto(then),
+        ),
         *(Flow(table=table, priority=PRIO_POLICY_NODE, match=m, actions=goto(then)) for m in exempt),
         Flow(table=table, priority=PRIO_DEFAULT, actions=goto(then)),
     ]
@@ -208,6 +294,25 @@ def pod_flows(pod: LocalPod) -> list[Flow]:
             match=f"ip,nw_dst={pod.ip}",
             actions=_to_port(p, pod.mac, GATEWAY_MAC, then=Table.INGRESS),
         ),
+        # Hairpin (the pod reached itself through a Service): the pod must not see its own address as
+        # the source, so the connection is SNATed (SNAT_ZONE) and leaves by the port it came in.
+        *(
+            Flow(
+                table=Table.OUTPUT,
+                priority=PRIO_HAIRPIN,
+                match=f"ct_state={state}+trk,ip,{REG_OUT_PORT.match(p)},in_port={p},nw_src={pod.ip},nw_dst={pod.ip}",
+                actions=f"{ct_commit(CtMark.ALLOWED)},{HAIRPIN_SNAT},IN_PORT"
+                if state == "+new"
+                else f"{HAIRPIN_SNAT},IN_PORT",
+            )
+            for state in ("+new", "-new")
+        ),
+        Flow(
+            table=Table.OUTPUT,
+            priority=PRIO_HAIRPIN - 1,
+            match=f"ip,{REG_OUT_PORT.match(p)},in_port={p}",
+            actions="IN_PORT",
+        ),  # the hairpin connection's replies (already un-NATed)
     ]
 
 

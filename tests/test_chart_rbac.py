@@ -37,6 +37,8 @@ EXPECTED: dict[str, set[Perm]] = {
         | _perms("*", "", "namespaces", READ)
         | _perms("*", "", "nodes", READ)
         | _perms("*", "networking.k8s.io", "networkpolicies", READ)
+        | _perms("*", "", "services", READ)
+        | _perms("*", "discovery.k8s.io", "endpointslices", READ)
         | _perms("*", "kvswitch.io", "vswitchconfigs", READ)
         | _perms("*", "kvswitch.io", "vswitchconfigs/status", {"patch"})
         | _perms("*", "", "events", {"create"})

@@ -515,7 +515,14 @@ class TestEntryPoint:
     def test_imports_only_the_standard_library_on_the_fast_path(self, cni: CniNode) -> None:
         pod = cni.new_pod()
         conf = cni.conf()
-        ours = {"kvswitch", "kvswitch.cni", "kvswitch.cni.main", "kvswitch.cni.client", "kvswitch.cni.spec"}
+        ours = {
+            "kvswitch",
+            "kvswitch.cni",
+            "kvswitch.cni.main",
+            "kvswitch.cni.client",
+            "kvswitch.cni.spec",
+            "kvswitch.cni.contract",
+        }
         for command in ("VERSION", "ADD", "DEL"):
             modules, run_ = _imported_modules(cni, command, conf, pod)
             assert run_.ok, str(run_)

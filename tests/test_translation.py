@@ -85,6 +85,7 @@ class TestController:
             "serviceCIDR": "10.96.0.0/12",
             "overlayType": "gre",
             "overlayIP": "10.250.0.13",
+            "serviceProxy": "openflow",
             "mtu": 1400,
         }
         parse_spec(spec)  # what the controller writes passes the agent's validation

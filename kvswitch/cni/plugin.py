@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -22,11 +21,26 @@ from typing import Any, TypeVar
 from kvswitch.cni import netlink
 from kvswitch.cni.client import Reply
 from kvswitch.cni.config import CniEnv, NetConf, Request, decode_stdin, parse_env, parse_request
+from kvswitch.cni.contract import (
+    ID_CONTAINER,
+    ID_IFNAME,
+    ID_IP,
+    ID_MAC,
+    ID_NETNS,
+    ID_NETWORK,
+    ID_OWNER,
+    ID_POD_NAME,
+    ID_POD_NAMESPACE,
+    ID_POD_UID,
+    LINK_ALIAS_PREFIX,
+    PLUGIN_NAME,
+    host_ifname,
+    link_alias,
+)
 from kvswitch.cni.ipam import HOST_LOCAL, IpamDelegate, find_plugin, host_local_allocations
 from kvswitch.cni.result import Dns, Interface, IPConfig, Result, Route
 from kvswitch.cni.spec import (
     FAILPOINT_ENV,
-    PLUGIN_NAME,
     SUPPORTED_VERSIONS,
     CniError,
     Code,
@@ -34,36 +48,14 @@ from kvswitch.cni.spec import (
     version_reply,
 )
 from kvswitch.kernel.rtnl import Rtnl
-from kvswitch.ovs.ovsdb import AsyncOvsdb, Ovsdb, OvsdbError
+from kvswitch.ovs.ovsdb import AsyncOvsdb, OvsdbError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HOST_IF_PREFIX = "kv"
-# external_ids of the OVS Port of every attachment (the agent and GC find pods by these).
-ID_OWNER = "owner"
-ID_NETWORK = "cni-network"
-ID_CONTAINER = "container-id"
-ID_IFNAME = "ifname"
-ID_NETNS = "netns"
-ID_POD_NAMESPACE = "pod-namespace"
-ID_POD_NAME = "pod-name"
-ID_POD_UID = "pod-uid"
-ID_IP = "ip"
-ID_MAC = "mac"
 OVSDB_TIMEOUT = 5.0
 
 Key = tuple[str, str, str]  # (network, container id, ifname): the spec's attachment key
-
-
-def host_ifname(network: str, container_id: str, ifname: str) -> str:
-    """Deterministic host-side veth name (14 characters) so DEL and GC can find it without state."""
-    digest = hashlib.sha256(f"{network}\0{container_id}\0{ifname}".encode()).hexdigest()
-    return HOST_IF_PREFIX + digest[:12]
-
-
-def link_alias(network: str, container_id: str, ifname: str) -> str:
-    return f"{netlink.ALIAS_PREFIX} {network} {container_id} {ifname}"
 
 
 def failpoint(env: CniEnv, stage: str) -> None:
@@ -103,19 +95,6 @@ class Rollback:
                 log.warning("rollback of %s failed: %s", what, exc)
                 failures.append(f"{what}: {exc}")
         return failures
-
-
-def fresh(db: AsyncOvsdb) -> Ovsdb:
-    """The IDL after taking in updates already sent to us (runs on the ovsdb thread).
-
-    A cached connection whose ovsdb went away still holds the old rows: refuse to answer from
-    those (the IDL reconnects by itself; the caller gets "try again later").
-    """
-    db.db.refresh()
-    db.db.refresh()  # a broken connection is noticed by one run() and dropped by the next
-    if not db.db.is_connected():
-        raise OvsdbError(f"cannot connect to ovsdb {db.db.remote} (connection lost, reconnecting)")
-    return db.db
 
 
 def ovs_error(what: str, exc: OvsdbError) -> CniError:
@@ -212,9 +191,10 @@ class CniPlugin:
                 self._ovsdb[remote] = db
             return db
 
-    async def ovs_call(self, db: AsyncOvsdb, what: str, fn: Callable[[], T]) -> T:
+    async def ovs_call(self, what: str, call: Awaitable[T]) -> T:
+        """An ovsdb call whose failure becomes the CNI error for ``what``."""
         try:
-            return await db.call(fn)
+            return await call
         except OvsdbError as exc:
             raise ovs_error(what, exc) from None
 
@@ -266,7 +246,7 @@ class CniPlugin:
         await self.ipam.call("DEL", plugin, env, req.raw, req.conf.cniVersion)
 
     async def unplug(self, db: AsyncOvsdb, host: Rtnl, host_if: str) -> None:
-        await self.ovs_call(db, f"cannot delete OVS port {host_if}", lambda: db.db.delete_port(host_if))
+        await self.ovs_call(f"cannot delete OVS port {host_if}", db.delete_port(host_if))
         await asyncio.to_thread(netlink.delete_link, host, host_if)
 
     # --- ADD ------------------------------------------------------------------------------------
@@ -277,7 +257,7 @@ class CniPlugin:
         plugin = find_plugin(conf.ipam.type, env.path)
         with netlink.Netns(env.netns) as pod_ns:
             db = await self.ovsdb(conf.ovsdbSocket)
-            if not await self.ovs_call(db, "ovsdb lookup", lambda: fresh(db).bridge_exists(conf.bridge)):
+            if not await self.ovs_call("ovsdb lookup", db.bridge_exists(conf.bridge)):
                 raise CniError(
                     Code.TRY_AGAIN_LATER,
                     f"bridge {conf.bridge} does not exist",
@@ -359,16 +339,16 @@ class CniPlugin:
             ID_MAC: pod_mac,
         }
 
-        def plug() -> int:
-            db.db.ensure_port(conf.bridge, host_if, external_ids={k: v for k, v in ids.items() if v})
-            return db.db.wait_ofport(host_if, timeout=conf.portTimeout)
+        async def plug() -> int:
+            await db.ensure_port(conf.bridge, host_if, external_ids={k: v for k, v in ids.items() if v})
+            return await db.wait_ofport(host_if, timeout=conf.portTimeout)
 
         async def add_port() -> None:
             undo.push(
                 f"OVS port {host_if}",
-                lambda: self.ovs_call(db, "delete port", lambda: db.db.delete_port(host_if)),
+                lambda: self.ovs_call("delete port", db.delete_port(host_if)),
             )
-            await self.ovs_call(db, f"cannot attach {host_if} to {conf.bridge}", plug)
+            await self.ovs_call(f"cannot attach {host_if} to {conf.bridge}", plug())
             failpoint(env, "port")
 
         async def configure() -> None:
@@ -406,7 +386,7 @@ class CniPlugin:
 
         async def port() -> None:
             db = await self.ovsdb(conf.ovsdbSocket)
-            await self.ovs_call(db, f"cannot delete OVS port {host_if}", lambda: db.db.delete_port(host_if))
+            await self.ovs_call(f"cannot delete OVS port {host_if}", db.delete_port(host_if))
 
         async def veth() -> None:
             host = self.host_rtnl()
@@ -469,7 +449,7 @@ class CniPlugin:
             async def host_check() -> list[str]:
                 problems = []
                 db = await self.ovsdb(conf.ovsdbSocket)
-                info = await self.ovs_call(db, "ovsdb lookup", lambda: fresh(db).port_info(host_if))
+                info = await self.ovs_call("ovsdb lookup", db.port_info(host_if))
                 if info is None:
                     problems.append(f"OVS port {host_if} is missing")
                 else:
@@ -533,7 +513,7 @@ class CniPlugin:
             )
         try:
             db = await self.ovsdb(conf.ovsdbSocket)
-            has_bridge = await self.ovs_call(db, "ovsdb lookup", lambda: fresh(db).bridge_exists(conf.bridge))
+            has_bridge = await self.ovs_call("ovsdb lookup", db.bridge_exists(conf.bridge))
         except CniError as err:
             raise CniError(
                 Code.NOT_AVAILABLE, "Open vSwitch is not reachable", err.details or err.msg
@@ -572,16 +552,14 @@ class CniPlugin:
 
         db = await self.ovsdb(conf.ovsdbSocket)
         ports = await self.ovs_call(
-            db,
-            "ovsdb lookup",
-            lambda: fresh(db).find_ports(None, **{ID_OWNER: PLUGIN_NAME, ID_NETWORK: conf.name}),
+            "ovsdb lookup", db.find_ports(None, {ID_OWNER: PLUGIN_NAME, ID_NETWORK: conf.name})
         )
         for port in ports:
             cid, ifname = port.external_ids.get(ID_CONTAINER, ""), port.external_ids.get(ID_IFNAME, "")
             if not keep(cid, ifname):
                 stale.add((cid, ifname))
         with self.host_rtnl() as host:
-            aliases = netlink.links_with_alias(host, f"{netlink.ALIAS_PREFIX} {conf.name} ")
+            aliases = netlink.links_with_alias(host, f"{LINK_ALIAS_PREFIX} {conf.name} ")
             for alias in aliases.values():
                 parts = alias.split(" ")
                 if len(parts) == 4 and not keep(parts[2], parts[3]):

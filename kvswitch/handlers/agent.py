@@ -19,6 +19,7 @@ from kvswitch.config import GROUP, PLURAL, VERSION, AgentSettings, InvalidConfig
 from kvswitch.kube import VSwitchConfigs, api_client
 from kvswitch.node.agent import NodeAgent
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
+from kvswitch.services.model import UntranslatableService
 from kvswitch.status import merge_condition, ready_condition
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,21 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     await load_policy_inputs(api, agent)
     await agent.sync_ports()
     await agent.apply_policy()
+    # Services too: established connections through a Service keep their endpoints' flows.
+    await load_services(api, agent)
+    await agent.apply_services()
     await agent.finish_startup()
+
+
+async def load_services(api: Any, agent: NodeAgent) -> None:
+    from kubernetes_asyncio import client
+
+    core, discovery = client.CoreV1Api(api), client.DiscoveryV1Api(api)
+    for service in (await core.list_service_for_all_namespaces()).items:
+        _service(agent, api.sanitize_for_serialization(service), deleted=False, warn=False)
+    for eps in (await discovery.list_endpoint_slice_for_all_namespaces()).items:
+        raw = api.sanitize_for_serialization(eps)
+        agent.set_endpoint_slice(_key(raw), raw)
 
 
 def report_slow_callbacks(ms: str | None) -> None:
@@ -166,6 +181,30 @@ async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> No
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies")
 async def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _policy(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
+
+
+@kopf.on.event("", "v1", "services")
+async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _service(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
+async def endpointslice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    obj = cast(dict[str, Any], event["object"])
+    memo.agent.set_endpoint_slice(_key(obj), None if event["type"] == "DELETED" else obj)
+
+
+def _service(agent: NodeAgent, obj: dict[str, Any], deleted: bool, warn: bool = True) -> None:
+    """An untranslatable Service is skipped with a warning Event; every other Service, and its own
+    previous flows, stay as they are."""
+    try:
+        agent.set_service(_key(obj), None if deleted else obj)
+    except UntranslatableService as exc:
+        log.error("Service %s cannot be programmed, skipping it: %s", _key(obj), exc)
+        if warn and SETTINGS.node_name:
+            kopf.warn(
+                cast(kopf.Body, obj), reason="ServiceNotProgrammed", message=f"{SETTINGS.node_name}: {exc}"
+            )
 
 
 def _key(obj: dict[str, Any]) -> str:

@@ -46,6 +46,7 @@ def desired_spec(node: dict[str, Any], settings: ControllerSettings) -> dict[str
         "serviceCIDR": settings.service_cidr,
         "overlayType": settings.overlay_type.value,
         "overlayIP": overlay_ip,
+        "serviceProxy": settings.service_proxy.value,
     }
     if settings.mtu is not None:
         spec["mtu"] = settings.mtu

@@ -17,11 +17,16 @@ from typing import Any
 
 from kvswitch.cni import install as cni_install
 from kvswitch.cni.server import CniServer
-from kvswitch.config import AgentSettings, VSwitchConfigSpec
+from kvswitch.config import AgentSettings, ServiceProxy, VSwitchConfigSpec
 from kvswitch.node.datapath import NodeDatapath
 from kvswitch.node.policy import PolicyInputs
-from kvswitch.ovs.pipeline import POLICY_OWNER
+from kvswitch.ovs.flows import Flow
+from kvswitch.ovs.groups import Group
+from kvswitch.ovs.pipeline import POLICY_OWNER, Category, Owner
+from kvswitch.ovs.reject import RejectResponder
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
+from kvswitch.services.flows import NodeContext
+from kvswitch.services.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,12 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._policy_dirty = asyncio.Event()
         self.policy_applied = 0  # increments each time policy flows were (re)computed and installed
+        self.services = ServiceState(NodeContext(settings.node_name, ()))
+        self._services_dirty: set[str] = set()
+        self._services_wake = asyncio.Event()
+        self._programmed_services: set[str] = set()
+        self.services_applied = 0
+        self.reject = RejectResponder(self.datapath.ofctl.target, settings.ovs_rundir)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -50,6 +61,8 @@ class NodeAgent:
         self._spawn(self.datapath.reconciler.watch(resync_interval=self.settings.resync_interval))
         self._spawn(self.datapath.watch_ports())
         self._spawn(self._policy_loop())
+        self._spawn(self._service_loop())
+        self._spawn(self.reject.run())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(coro))
@@ -76,8 +89,13 @@ class NodeAgent:
 
     async def apply_local(self, spec: VSwitchConfigSpec) -> int:
         """Converge the node to its VSwitchConfig, then (re)write the conflist; the pod MTU."""
+        previous = self.datapath.local_config()
         mtu = await self.datapath.apply_local(spec)
         s = self.settings
+        node = NodeContext(s.node_name, (spec.overlay_ip, spec.gateway_ip))
+        self._mark_services(self.services.set_node(node))
+        if previous is None or previous.service_proxy != spec.service_proxy:
+            self._mark_services(set(self.services.services) | self._programmed_services)
         conf = cni_install.conflist(
             bridge=s.bridge,
             mtu=mtu,
@@ -134,6 +152,61 @@ class NodeAgent:
         changed = await self.datapath.reconciler.set_flows(POLICY_OWNER, self.policy.flows())
         self.policy_applied += 1
         return changed
+
+    # --- Services (the OpenFlow service proxy) ------------------------------------------------
+
+    def set_service(self, key: str, obj: dict[str, Any] | None) -> None:
+        """Raises UntranslatableService for a Service that cannot be programmed (its old flows stay)."""
+        self._mark_services(self.services.set_service(key, obj))
+
+    def set_endpoint_slice(self, key: str, obj: dict[str, Any] | None) -> None:
+        self._mark_services(self.services.set_slice(key, obj))
+
+    def _mark_services(self, keys: set[str]) -> None:
+        if keys:
+            self._services_dirty |= keys
+            self._services_wake.set()
+
+    def _proxy_enabled(self) -> bool:
+        spec = self.datapath.local_config()
+        return spec is not None and spec.service_proxy == ServiceProxy.OPENFLOW
+
+    async def apply_services(self) -> int:
+        """Program the Services that changed (all of them when the proxy mode flipped)."""
+        self._services_wake.clear()
+        enabled = self._proxy_enabled()
+        if enabled:
+            dirty = self._services_dirty | (self._programmed_services - self.services.services.keys())
+        else:
+            dirty = set(self._programmed_services)  # kube-proxy balances: remove ours
+        self._services_dirty = set() if enabled else self._services_dirty | dirty
+        if not dirty:
+            return 0
+        flows: dict[Owner, list[Flow]] = {}
+        groups: dict[Owner, list[Group]] = {}
+        for key in dirty:
+            owner = Owner(Category.SERVICE, key)
+            f, g = self.services.translate(key) if enabled else ([], [])
+            flows[owner], groups[owner] = f, g
+        changed = await self.datapath.reconciler.set_many(flows, groups)
+        for key in dirty:
+            if flows[Owner(Category.SERVICE, key)]:
+                self._programmed_services.add(key)
+            else:
+                self._programmed_services.discard(key)
+        self.services_applied += 1
+        return changed
+
+    async def _service_loop(self, settle: float = 0.01) -> None:
+        while True:
+            await self._services_wake.wait()
+            await asyncio.sleep(settle)
+            try:
+                await self.apply_services()
+            except Exception:
+                log.exception("programming Services failed; will retry")
+                await asyncio.sleep(1.0)
+                self._services_wake.set()
 
     async def _policy_loop(self, settle: float = 0.02) -> None:
         """Coalesce bursts of events (a namespace relabel touches many pods) into one recompute.

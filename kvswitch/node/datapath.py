@@ -158,6 +158,11 @@ class NodeDatapath:
         if previous is not None and previous.cluster_cidr != spec.cluster_cidr:
             self.host.remove_route(previous.cluster_cidr)
         self.host.ensure_route(spec.cluster_cidr, GATEWAY_PORT, mtu)
+        # The node and host-network pods reach Services through OVS (its proxy, or the host's NAT
+        # first with kube-proxy); the ARP responder answers the host for the whole service CIDR.
+        if previous is not None and previous.service_cidr != spec.service_cidr:
+            self.host.remove_route(previous.service_cidr)
+        self.host.ensure_route(spec.service_cidr, GATEWAY_PORT, mtu)
         self.host.ensure_forwarding()
         self.host.ensure_snat(spec.cluster_cidr)
 

@@ -23,12 +23,15 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 from kvswitch.ovs.flows import Canonicalizer, Flow, FlowKey, LiveFlow, parse_dump, parse_dump_index
+from kvswitch.ovs.groups import Group, parse_group_dump
 from kvswitch.ovs.ovsdb import AsyncOvsdb
 from kvswitch.ovs.pipeline import (
     ROUND_EXTERNAL_ID,
     SENTINEL_OWNER,
+    Category,
     Owner,
     Table,
+    cookie_category,
     make_cookie,
 )
 
@@ -86,6 +89,23 @@ class Ofctl:
             raise OfctlError(f"bundle of {len(lines)} flow changes rejected, table unchanged: {exc}",
                              _culprit(str(exc), lines)) from None  # fmt: skip
 
+    async def bundle_with_groups(
+        self, group_adds: list[str], flow_lines: list[str], group_dels: list[str]
+    ) -> None:
+        """Groups and flows in one atomic bundle: groups a flow needs first, dead groups last."""
+        if not group_adds and not group_dels:
+            await self.bundle(flow_lines)
+            return
+        lines = [*group_adds, *("flow " + line for line in flow_lines), *group_dels]
+        try:
+            await self._run("bundle", self.target, "-", input="\n".join(lines) + "\n")
+        except OfctlError as exc:
+            raise OfctlError(f"bundle of {len(lines)} group/flow changes rejected, table unchanged: {exc}",
+                             _culprit(str(exc), lines)) from None  # fmt: skip
+
+    async def dump_groups(self) -> dict[int, str]:
+        return parse_group_dump(await self._run("dump-groups", self.target))
+
     async def dump(self, *filters: str) -> list[Flow]:
         return parse_dump(await self._run("dump-flows", "--no-stats", self.target, *filters))
 
@@ -128,6 +148,8 @@ class FlowReconciler:
         self.ofctl = ofctl
         self.round = round_
         self._desired: dict[Owner, dict[FlowKey, Flow]] = {}
+        self._groups: dict[Owner, dict[int, Group]] = {}  # select groups (the service proxy's)
+        self._group_owner: dict[int, Owner] = {}
         self._key_owner: dict[FlowKey, Owner] = {}
         self._cookies: dict[Owner, int] = {}
         self._canon = Canonicalizer()
@@ -178,9 +200,36 @@ class FlowReconciler:
     async def delete_owner(self, owner: Owner) -> int:
         return await self.set_many({owner: ()})
 
-    async def set_many(self, changes: Mapping[Owner, Iterable[Flow]]) -> int:
-        """Several owners in one atomic bundle; memory is updated only if OVS accepted it."""
+    def desired_groups(self, owner: Owner | None = None) -> list[Group]:
+        if owner is not None:
+            return list(self._groups.get(owner, {}).values())
+        return [g for groups in self._groups.values() for g in groups.values()]
+
+    async def set_many(
+        self,
+        changes: Mapping[Owner, Iterable[Flow]],
+        groups: Mapping[Owner, Iterable[Group]] | None = None,
+    ) -> int:
+        """Several owners in one atomic bundle; memory is updated only if OVS accepted it.
+        ``groups`` replaces the groups of the owners it names (their flows may use them)."""
         async with self._lock:
+            staged_groups = {owner: {g.group_id: g for g in gs} for owner, gs in (groups or {}).items()}
+            group_adds: list[str] = []
+            group_dels: list[str] = []
+            for owner, new_groups in staged_groups.items():
+                old_groups = self._groups.get(owner, {})
+                for gid, group in new_groups.items():
+                    holder = self._group_owner.get(gid)
+                    if holder is not None and holder != owner and holder not in staged_groups:
+                        raise FlowConflict(f"{owner} and {holder} both claim group {gid}")
+                    before = old_groups.get(gid)
+                    if before is None:
+                        group_adds.append("group add " + group.render())
+                    elif before != group:
+                        group_adds.append("group modify " + group.render())
+                group_dels.extend(
+                    f"group delete group_id={gid}" for gid in old_groups if gid not in new_groups
+                )
             staged = {owner: {f.key: f for f in flows} for owner, flows in changes.items()}
             claimed: dict[FlowKey, Owner] = {}
             for owner, new in staged.items():
@@ -202,7 +251,17 @@ class FlowReconciler:
                         lines.append("modify_strict " + flow.render(cookie))
                 # A key that moves to another owner in this batch is replaced by its add, not deleted.
                 lines.extend("delete_strict " + f.spec() for k, f in old.items() if k not in claimed)
-            await self.ofctl.bundle(lines)
+            await self.ofctl.bundle_with_groups(group_adds, lines, group_dels)
+            for owner, new_groups in staged_groups.items():
+                for gid in self._groups.get(owner, {}):
+                    if self._group_owner.get(gid) == owner:
+                        del self._group_owner[gid]
+                for gid in new_groups:
+                    self._group_owner[gid] = owner
+                if new_groups:
+                    self._groups[owner] = new_groups
+                else:
+                    self._groups.pop(owner, None)
             for owner, new in staged.items():
                 for key in self._desired.get(owner, {}):
                     if self._key_owner.get(key) == owner:
@@ -213,7 +272,7 @@ class FlowReconciler:
                     self._desired[owner] = new
                 else:
                     self._desired.pop(owner, None)
-            return len(lines)
+            return len(lines) + len(group_adds) + len(group_dels)
 
     # --- full resync ----------------------------------------------------------------------
 
@@ -221,12 +280,28 @@ class FlowReconciler:
         """Compare every desired flow with the live table; fix what differs in one bundle."""
         async with self._lock:
             live = await self.ofctl.dump_index()
+            live_groups = await self.ofctl.dump_groups()
             # Comparing a large table and asking ovs-ofctl for canonical text both take long: in a
             # worker thread, so the event loop (the agent's API events and CNI calls) keeps running.
             # The lock keeps the desired state still meanwhile.
             lines, report = await asyncio.to_thread(self._repairs, live)
-            await self.ofctl.bundle(lines)
+            group_adds, group_dels = self._group_repairs(live_groups, report)
+            await self.ofctl.bundle_with_groups(group_adds, lines, group_dels)
             return report
+
+    def _group_repairs(self, live: Mapping[int, str], report: ResyncReport) -> tuple[list[str], list[str]]:
+        adds: list[str] = []
+        desired = {g.group_id: g for groups in self._groups.values() for g in groups.values()}
+        for gid, group in desired.items():
+            text = group.render()
+            if live.get(gid) == text:
+                report.unchanged += 1
+            else:
+                adds.append(("group modify " if gid in live else "group add ") + text)
+                report.added += 1
+        dels = [f"group delete group_id={gid}" for gid in live if gid not in desired]
+        report.deleted += len(dels)
+        return adds, dels
 
     def _repairs(self, live: Mapping[FlowKey, LiveFlow]) -> tuple[list[str], ResyncReport]:
         """The bundle lines that turn ``live`` into the desired state (blocking: see resync)."""
@@ -255,6 +330,8 @@ class FlowReconciler:
                     lines.append("add " + flow.render(cookie))
                     report.added += 1
         for key in live.keys() - seen:
+            if cookie_category(live[key][0]) == Category.LEARNED:
+                continue  # written by OVS's learn action (session affinity), expires by itself
             table, priority, match = key
             lines.append(f"delete_strict table={table},priority={priority}{',' + match if match else ''}")
             report.deleted += 1

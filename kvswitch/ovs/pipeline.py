@@ -43,6 +43,8 @@ class Category(IntEnum):
     REMOTE_NODE = 4  # one per remote node: its pod CIDR through the tunnel
     POD = 5  # one per local pod: forwarding, ARP, spoof guard
     POLICY = 6  # NetworkPolicy: all of this node's policy flows
+    SERVICE = 7  # one per Service: frontends, endpoint DNAT (and its select groups)
+    LEARNED = 8  # written by OVS itself (learn action: session affinity); resyncs leave them alone
     TEST = 255  # flows written by tests and benchmarks
 
 
@@ -81,12 +83,16 @@ class Table(IntEnum):
     CLASSIFIER = 0  # by in_port: gateway, tunnel or a pod port; anything else is dropped
     SPOOF_GUARD = 10  # a pod may send only with its own MAC and IP, and ARP only as itself
     ARP_RESPONDER = 20  # answers every ARP request from flows; no ARP is ever flooded
-    CONNTRACK = 30  # every IP packet goes through conntrack (one zone per node)
-    CT_STATE = 31  # invalid dropped; new → EGRESS; established/related skip policy
+    CONNTRACK = 30  # hairpin replies lose their SNAT first (SNAT zone), then on to CT_ZONE
+    CT_ZONE = 31  # every IP packet goes through conntrack with NAT (one zone per node)
+    CT_STATE = 32  # invalid dropped; new → service stages; the rest → EGRESS
+    SERVICE_AFFINITY = 33  # learned session-affinity entries: client → endpoint in registers
+    SERVICE_LB = 34  # a new connection to a Service frontend → the Service port's select group
+    ENDPOINT_DNAT = 35  # the chosen endpoint: commit with nat(dst=endpoint), on to EGRESS
     EGRESS = 40  # NetworkPolicy egress of local pods (first packet of a connection)
     L3_FORWARD = 50  # by destination IP: gateway, local pod, remote pod CIDR (tunnel), external
     INGRESS = 60  # NetworkPolicy ingress of local pods
-    OUTPUT = 70  # commits new connections, sends to the port in REG_OUT_PORT
+    OUTPUT = 70  # commits new connections, hairpin SNAT, sends to the port in REG_OUT_PORT
     SENTINEL = 253  # holds only the sentinel flow; nothing resubmits here (254 is OVS-internal)
 
 
@@ -187,6 +193,12 @@ FROM_TUNNEL = REG_SOURCE.mark(Source.TUNNEL)
 FROM_POD = REG_SOURCE.mark(Source.POD)
 REG_OUT_PORT = RegField(1)  # ofport chosen by L3_FORWARD for OUTPUT
 REG_SCRATCH = RegField(2)  # within one action list only (the ARP responder's address swap)
+# Service proxy: what a select group's bucket (or a learned affinity entry) chose, for ENDPOINT_DNAT.
+REG_ENDPOINT_IP = RegField(3)  # the endpoint's IPv4 address
+REG_ENDPOINT_PORT = RegField(4, 0, 15)  # the endpoint's port
+REG_AFFINITY = RegField(4, 16, 16)  # set by a learned affinity entry
+AFFINITY_HIT = REG_AFFINITY.mark(1)  # a learned affinity entry chose the endpoint
+REG_SERVICE_GROUP = RegField(5)  # the Service port's group id, so endpoint flows are per Service
 
 
 # --- actions: jumps and register moves -------------------------------------------------------
@@ -206,8 +218,34 @@ def output(field: RegField) -> str:
     return f"output:{field.nxm}"
 
 
+def resubmit(table: Table) -> str:
+    """Run ``table`` and come back (a select group's bucket, the affinity lookup)."""
+    return f"resubmit(,{int(table)})"
+
+
 # --- conntrack -------------------------------------------------------------------------------
-CT_ZONE = 1  # conntrack zone of pod traffic
+CT_ZONE = 1  # conntrack zone of pod traffic: policy state and Service DNAT
+SNAT_ZONE = 2  # hairpin SNAT only: a pod reaching itself through a Service
+HAIRPIN_SNAT_IP = "169.254.0.252"  # the source a pod sees on its own connections through a Service
+
+
+class CtMark(IntEnum):
+    """Bits of ct_mark in CT_ZONE."""
+
+    ALLOWED = 0x1  # passed NetworkPolicy (committed at OUTPUT); only such connections skip policy
+    FROM_GATEWAY = 0x2  # entered from the gateway: replies go back through the host (its NAT)
+    SERVICE = 0x4  # DNAT'd by the service proxy
+
+
+def ct_mark_match(*bits: CtMark, unset: tuple[CtMark, ...] = ()) -> str:
+    """``ct_mark=value/mask``: ``bits`` set and ``unset`` clear."""
+    mask = sum(int(b) for b in (*bits, *unset))
+    return f"ct_mark={_hex(sum(int(b) for b in bits))}/{mask:#x}"
+
+
+def _ct_mark_set(*bits: CtMark) -> str:
+    value = sum(int(b) for b in bits)
+    return f"set_field:{value:#x}/{value:#x}->ct_mark"
 
 
 def ct_track(then: Table) -> str:
@@ -215,7 +253,65 @@ def ct_track(then: Table) -> str:
     return f"ct(table={int(then)},zone={CT_ZONE})"
 
 
+def ct_track_nat(then: Table) -> str:
+    """Conntrack with NAT: an established Service connection gets its DNAT, a reply its reverse."""
+    return f"ct(table={int(then)},zone={CT_ZONE},nat)"
+
+
+def ct_unsnat(then: Table) -> str:
+    """Reverse the hairpin SNAT of a reply (SNAT_ZONE), then continue in ``then``."""
+    return f"ct(table={int(then)},zone={SNAT_ZONE},nat)"
+
+
+def ct_commit(*bits: CtMark) -> str:
+    """Commit in CT_ZONE, setting ``bits`` of ct_mark."""
+    return f"ct(commit,zone={CT_ZONE},exec({_ct_mark_set(*bits)}))"
+
+
 CT_COMMIT = f"ct(commit,zone={CT_ZONE})"
+
+
+def ct_dnat_commit(ip: str, port: int, then: Table) -> str:
+    """Commit a new Service connection translated to ``ip:port``; continue in ``then``."""
+    mark = _ct_mark_set(CtMark.SERVICE)
+    return f"ct(commit,table={int(then)},zone={CT_ZONE},nat(dst={ip}:{port}),exec({mark}))"
+
+
+HAIRPIN_SNAT = f"ct(commit,zone={SNAT_ZONE},nat(src={HAIRPIN_SNAT_IP}))"
+
+# --- service proxy actions ---------------------------------------------------------------------
+_L4_DST = {
+    "tcp": ("6", "NXM_OF_TCP_DST[]"),
+    "udp": ("17", "NXM_OF_UDP_DST[]"),
+    "sctp": ("132", "OXM_OF_SCTP_DST[]"),
+}
+
+
+def learn_affinity(proto: str, timeout: int) -> str:
+    """Remember client → endpoint for ``timeout`` seconds since the client's last new connection
+    (only new connections look the entry up, so the idle timer is kube-proxy's ClientIP timeout)."""
+    nw_proto, l4_dst = _L4_DST[proto]
+    loads = ",".join(
+        [
+            f"load:{REG_ENDPOINT_IP.nxm}->{REG_ENDPOINT_IP.nxm}",
+            f"load:{REG_ENDPOINT_PORT.nxm}->{REG_ENDPOINT_PORT.nxm}",
+            f"load:{REG_SERVICE_GROUP.nxm}->{REG_SERVICE_GROUP.nxm}",
+            f"load:0x1->{REG_AFFINITY.nxm}",
+        ]
+    )
+    return (
+        f"learn(table={int(Table.SERVICE_AFFINITY)},idle_timeout={timeout},priority={PRIO_AFFINITY_ENTRY},"
+        f"cookie={LEARNED_COOKIE:#x},eth_type=0x800,nw_proto={nw_proto},"
+        f"NXM_OF_IP_SRC[],NXM_OF_IP_DST[],{l4_dst},{loads})"
+    )
+
+
+def reject_connection() -> str:
+    """A Service frontend without endpoints: the agent answers with a TCP RST or an ICMP port
+    unreachable (kvswitch.ovs.reject), as kube-proxy does."""
+    from kvswitch.ovs.reject import REJECT_ACTION
+
+    return REJECT_ACTION
 
 
 # --- ARP responder ---------------------------------------------------------------------------
@@ -275,9 +371,17 @@ PRIO_POLICY_ALLOW = 250  # rules without peer or port restriction
 PRIO_POLICY_NODE = 300  # a pod and its own node always talk
 PRIO_POLICY_ESTABLISHED = 400
 
+PRIO_SERVICE = 200  # Service frontends and endpoint DNAT
+PRIO_SERVICE_AFFINITY = 300  # a connection an affinity entry claimed
+PRIO_AFFINITY_ENTRY = 200  # learned affinity entries
+PRIO_HAIRPIN = 300  # OUTPUT: a pod's packet back to itself
+PRIO_REPLY_TO_GATEWAY = 260  # L3_FORWARD: replies of connections the host handed in (its NAT)
+PRIO_SKIP_EGRESS = 300  # EGRESS (kube-proxy mode): pod → ClusterIP is judged after the host's DNAT
+
 # --- ovsdb external_ids ----------------------------------------------------------------------
 EXT_ROLE = "k-vswitch/role"  # on the gateway and tunnel ports
 
 SENTINEL_OWNER = Owner(Category.SENTINEL, "sentinel")
 NODE_OWNER = Owner(Category.NODE, "local")
 POLICY_OWNER = Owner(Category.POLICY, "rules")
+LEARNED_COOKIE = make_cookie(0, Owner(Category.LEARNED, "affinity"))  # on every learned flow

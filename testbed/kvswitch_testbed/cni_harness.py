@@ -11,11 +11,17 @@ import json
 import subprocess
 from typing import Any
 
+from kvswitch.cni.contract import (
+    DEFAULT_BRIDGE,
+    HOST_IF_PREFIX,
+    ID_OWNER,
+    LINK_ALIAS_PREFIX,
+    PLUGIN_NAME,
+    host_ifname,
+)
 from kvswitch.cni.install import install
 from kvswitch.cni.netlink import Netns, open_rtnl
-from kvswitch.cni.contract import HOST_IF_PREFIX, ID_OWNER, LINK_ALIAS_PREFIX, host_ifname
 from kvswitch.cni.server import CniServer, ServerThread
-from kvswitch.cni.contract import DEFAULT_BRIDGE, PLUGIN_NAME
 from kvswitch_testbed import Node, Pod, TestBed
 from kvswitch_testbed.cni_runner import Attachment, PluginRun, Plugins, netns_path
 from kvswitch_testbed.netns import run

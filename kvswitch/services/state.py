@@ -1,0 +1,97 @@
+"""The agent's view of Services and EndpointSlices, updated per event; says which Services changed.
+
+Pure (no I/O). A Service that cannot be translated keeps its last good translation, so a bad edit
+never disturbs traffic; the caller reports it (a warning Event).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from kvswitch.ovs.flows import Flow
+from kvswitch.ovs.groups import Group
+from kvswitch.services.flows import NodeContext, service_flows
+from kvswitch.services.model import Endpoint, ServiceInfo, SliceInfo, parse_service, parse_slice
+
+
+class GroupIds:
+    """Stable group ids: a Service port keeps its id while it exists; freed ids are reused."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._free: list[int] = []
+        self._next = 1
+
+    def __call__(self, key: str) -> int:
+        gid = self._ids.get(key)
+        if gid is None:
+            gid = self._free.pop() if self._free else self._next
+            if gid == self._next:
+                self._next += 1
+            self._ids[key] = gid
+        return gid
+
+    def release_prefix(self, prefix: str) -> None:
+        for key in [k for k in self._ids if k.startswith(prefix)]:
+            self._free.append(self._ids.pop(key))
+
+
+class ServiceState:
+    def __init__(self, node: NodeContext) -> None:
+        self.node = node
+        self.services: dict[str, ServiceInfo] = {}
+        self.slices: dict[str, SliceInfo] = {}  # by namespace/slice name
+        self._by_service: dict[str, set[str]] = defaultdict(set)  # service key -> slice keys
+        self.group_ids = GroupIds()
+        self.errors: dict[str, str] = {}  # service key -> why its last version was not translated
+
+    def set_node(self, node: NodeContext) -> set[str]:
+        """The node's addresses changed (NodePorts follow them): every Service is affected."""
+        if node == self.node:
+            return set()
+        self.node = node
+        return set(self.services)
+
+    def set_service(self, key: str, obj: dict[str, Any] | None) -> set[str]:
+        """Returns the Service keys whose flows must be recomputed. Raises UntranslatableService
+        (after recording it) for a Service that cannot be programmed; its old flows stay."""
+        if obj is None:
+            self.errors.pop(key, None)
+            return {key} if self.services.pop(key, None) is not None else set()
+        try:
+            info = parse_service(obj)
+        except ValueError as exc:
+            self.errors[key] = str(exc)
+            raise
+        self.errors.pop(key, None)
+        if self.services.get(key) == info:
+            return set()
+        self.services[key] = info
+        return {key}
+
+    def set_slice(self, key: str, obj: dict[str, Any] | None) -> set[str]:
+        old = self.slices.pop(key, None)
+        touched: set[str] = set()
+        if old is not None:
+            self._by_service[old.service_key].discard(key)
+            touched.add(old.service_key)
+        new = parse_slice(obj) if obj is not None else None
+        if new is not None:
+            self.slices[key] = new
+            self._by_service[new.service_key].add(key)
+            touched.add(new.service_key)
+        if old == new:
+            return set()
+        return touched
+
+    def endpoints(self, service_key: str) -> list[tuple[str, str, Endpoint]]:
+        return [e for s in sorted(self._by_service.get(service_key, ())) for e in self.slices[s].endpoints]
+
+    def translate(self, key: str) -> tuple[list[Flow], list[Group]]:
+        """The flows and groups of one Service on this node (nothing when it is gone)."""
+        svc = self.services.get(key)
+        if svc is None:
+            self.group_ids.release_prefix(key + "/")
+            return [], []
+        return service_flows(svc, self.endpoints(key), self.node, self.group_ids)
