@@ -246,14 +246,16 @@ class Store(kmock.KubernetesEmulator):
 
     # ---------------------------------------------------------------- subscribers
 
-    def subscribe(self, resource: ResourceLike | ResourceSpec) -> Watcher:
+    def subscribe(
+        self, resource: ResourceLike | ResourceSpec, queue: asyncio.Queue[Change | None] | None = None
+    ) -> Watcher:
         """Receive every later change of a resource in ``watcher.queue`` (None: the server stops).
 
-        For in-process controllers (see endpointslices.py) and watch streams; call it in the server's
-        loop and :meth:`unsubscribe` when done.
+        For in-process controllers (see endpointslices.py, which shares one ``queue`` among several
+        resources) and watch streams; call it in the server's loop and :meth:`unsubscribe` when done.
         """
         spec = resource if isinstance(resource, ResourceSpec) else self.spec(resource)
-        watcher = Watcher(spec.ref, asyncio.Queue())
+        watcher = Watcher(spec.ref, asyncio.Queue() if queue is None else queue)
         self._watchers.add(watcher)
         return watcher
 
