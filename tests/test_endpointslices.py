@@ -16,7 +16,10 @@ import aiohttp
 import pytest
 from kubernetes_asyncio import client, config
 from kvswitch_testbed.apiserver import ApiServer, write_kubeconfig
+from kvswitch_testbed.cluster import Cluster
 from kvswitch_testbed.endpointslices import EndpointSliceController
+
+from tests.conftest import register_run
 
 JSON = dict[str, Any]
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
@@ -352,3 +355,71 @@ async def test_slices_go_with_their_service_and_selector_changes(bed: Bed) -> No
     await bed.v1.delete_namespace("team")
     await bed.settle()
     assert (await bed.v1.list_namespace(field_selector="metadata.name=team")).items == []
+
+
+@pytest.mark.root
+def test_the_sandbox_cluster_serves_services_and_pod_readiness() -> None:
+    """Cluster: Services with ClusterIPs from its service CIDR, pods wired through CNI carry their IP
+    and readiness, and EndpointSlices follow readiness, termination and deletion."""
+    cluster = Cluster(nodes=1, service_cidr="10.97.0.0/16")
+    register_run(cluster.bed.run_id)
+    with cluster:
+        (node,) = cluster.bed.nodes.values()
+        ports: list[Any] = [80, {"name": "alt", "port": 81, "targetPort": "alt"}]
+        web = cluster.add_service("web", {"app": "web"}, ports)
+        assert web["spec"]["type"] == "ClusterIP" and web["spec"]["clusterIP"].startswith("10.97.")
+        assert [(p["name"], p["targetPort"]) for p in web["spec"]["ports"]] == [
+            ("tcp-80", 80),
+            ("alt", "alt"),
+        ]
+        container = {"name": "main", "image": "sandbox", "ports": [{"name": "alt", "containerPort": 8081}]}
+        pod = cluster.add_pod(node, "w1", labels={"app": "web"}, containers=[container])
+        obj = cluster.client.get("/api/v1/namespaces/default/pods/w1")
+        assert obj is not None
+        status = obj["status"]
+        assert (status["podIP"], status["podIPs"], status["hostIP"]) == (
+            pod.ip,
+            [{"ip": pod.ip}],
+            node.underlay_ip,
+        )
+        assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+
+        def endpoint(conditions: JSON) -> Callable[[], JSON | None]:
+            def check() -> JSON | None:
+                found = [e for s in cluster.endpoint_slices("web") for e in s["endpoints"] or []]
+                return found[0] if len(found) == 1 and found[0]["conditions"] == conditions else None
+
+            return check
+
+        ready = cluster.client.wait_for(
+            "w1 ready", endpoint({"ready": True, "serving": True, "terminating": False})
+        )
+        assert ready["addresses"] == [pod.ip] and ready["nodeName"] == node.name
+        (slice_,) = cluster.endpoint_slices("web")
+        assert [(p["name"], p["port"]) for p in slice_["ports"]] == [("tcp-80", 80), ("alt", 8081)]
+        cluster.set_pod_ready(pod, False)
+        cluster.client.wait_for(
+            "w1 not ready", endpoint({"ready": False, "serving": False, "terminating": False})
+        )
+        cluster.set_pod_ready(pod, True)
+        cluster.client.wait_for(
+            "w1 ready again", endpoint({"ready": True, "serving": True, "terminating": False})
+        )
+        terminating = cluster.terminate_pod(pod)
+        assert terminating["metadata"]["deletionTimestamp"]
+        cluster.client.wait_for(
+            "w1 terminating", endpoint({"ready": False, "serving": True, "terminating": True})
+        )
+        cluster.delete_pod(pod)
+        assert cluster.client.get("/api/v1/namespaces/default/pods/w1") is None
+        cluster.client.wait_for(
+            "only the placeholder", lambda: [s["endpoints"] for s in cluster.endpoint_slices("web")] == [None]
+        )
+
+        node_port = cluster.add_service("np", {"app": "web"}, [80], type="NodePort")
+        assert 30000 <= node_port["spec"]["ports"][0]["nodePort"] <= 32767
+        cluster.delete_service("web")
+        cluster.client.wait_for("web's slices gone", lambda: cluster.endpoint_slices("web") == [] or None)
+        again = cluster.add_service("again", {"app": "web"}, [80], clusterIP=web["spec"]["clusterIP"])
+        assert again["spec"]["clusterIP"] == web["spec"]["clusterIP"]  # released with the Service
+        assert cluster.endpointslices is not None and cluster.endpointslices.errors == []

@@ -10,6 +10,7 @@ its node's namespace. This is both the sandbox (``kvswitchctl sandbox``) and the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kvswitch.cni.contract import CONFLIST_NAME
 from kvswitch_testbed.apiserver import ApiServerThread, write_kubeconfig
 from kvswitch_testbed.bed import UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
 from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
+from kvswitch_testbed.endpointslices import EndpointSliceController
 from kvswitch_testbed.kubeclient import VSC, KubeClient, pods_path
 from kvswitch_testbed.netns import netns_socket, run
 
@@ -38,6 +40,7 @@ EXTERNAL_IP = str(UNDERLAY.network_address + EXTERNAL_INDEX)
 CRD_DIR = Path(__file__).resolve().parent / "crds"  # the chart's CRDs, shipped as package data
 CRD_FILE = CRD_DIR / "kvswitch.io_vswitchconfigs.yaml"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
+KUBELET_FINALIZER = "testbed.kvswitch.io/kubelet"  # holds a pod Terminating until delete_pod()
 # asyncio's debug-mode warning for a callback that held the event loop too long
 SLOW_CALLBACK = re.compile(r"Executing .* took \d+(?:\.\d+)? seconds")
 # ...except kopf's first API request, once per process: it builds its aiohttp session and an SSL
@@ -100,6 +103,7 @@ class Cluster:
     processes: dict[str, Process] = field(default_factory=dict)
     pods: dict[tuple[str, str], ClusterPod] = field(default_factory=dict)
     api: ApiServerThread | None = None
+    endpointslices: EndpointSliceController | None = None
     kube: KubeClient | None = None
     external_ns: str = ""
     # agents log every event-loop callback that takes this long (asyncio debug mode on their loop)
@@ -154,8 +158,11 @@ class Cluster:
         assert ip == EXTERNAL_IP
 
     def _start_api(self) -> None:
-        self.api = ApiServerThread(crds=[CRD_FILE])
+        self.api = ApiServerThread(crds=[CRD_FILE], service_cidr=self.service_cidr)
         local_url = self.api.start()  # loopback, for the harness and kubectl
+        # kube-controller-manager's part: EndpointSlices of Services, in the API server's loop.
+        self.endpointslices = EndpointSliceController(self.api.server)
+        self.api.run(self.endpointslices.start())
         sock = netns_socket(self.bed.underlay_ns, socket.AF_INET, socket.SOCK_STREAM)
         self.api.listen(host=API_IP, port=API_PORT, sock=sock)  # for the agents, over the underlay
         self.kube = KubeClient(local_url)
@@ -324,14 +331,90 @@ class Cluster:
         cp.result = self.conflist(node).add(att)
         cp.ip = next(ip["address"].split("/")[0] for ip in cp.result["ips"] if ":" not in ip["address"])
         pod.ip = cp.ip
-        self.client.request(
+        self.pods[(namespace, name)] = cp
+        self._patch_pod_status(cp, self._running_status(cp, obj, ready=True))
+        return cp
+
+    def _running_status(self, cp: ClusterPod, pod: Mapping[str, Any], *, ready: bool) -> dict[str, Any]:
+        """What a kubelet reports once the sandbox is wired and the containers run."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        is_ready = "True" if ready else "False"
+        conditions = [
+            {"type": kind, "status": status, "lastProbeTime": None, "lastTransitionTime": now}
+            for kind, status in (
+                ("PodReadyToStartContainers", "True"),
+                ("Initialized", "True"),
+                ("Ready", is_ready),
+                ("ContainersReady", is_ready),
+                ("PodScheduled", "True"),
+            )
+        ]
+        containers = (pod.get("spec") or {}).get("containers") or []
+        statuses = [
+            {
+                "name": c.get("name"),
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": ready,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            }
+            for c in containers
+        ]
+        return {
+            "phase": "Running",
+            "conditions": conditions,
+            "hostIP": cp.node.underlay_ip,
+            "hostIPs": [{"ip": cp.node.underlay_ip}],
+            "podIP": cp.ip,
+            "podIPs": [{"ip": cp.ip}],
+            "startTime": now,
+            "containerStatuses": statuses,
+        }
+
+    def _patch_pod_status(self, cp: ClusterPod, status: dict[str, Any]) -> Any:
+        return self.client.request(
             "PATCH",
-            f"{pods_path(namespace)}/{name}/status",
-            {"status": {"podIP": cp.ip, "podIPs": [{"ip": cp.ip}], "phase": "Running"}},
+            f"{pods_path(cp.namespace)}/{cp.name}/status",
+            {"status": status},
             content_type="application/merge-patch+json",
         )
-        self.pods[(namespace, name)] = cp
-        return cp
+
+    def _pod_object(self, cp: ClusterPod) -> dict[str, Any]:
+        obj: dict[str, Any] | None = self.client.get(f"{pods_path(cp.namespace)}/{cp.name}")
+        if obj is None:
+            raise LookupError(f"pod {cp.namespace}/{cp.name} is gone")
+        return obj
+
+    def set_pod_ready(self, cp: ClusterPod, ready: bool = True) -> dict[str, Any]:
+        """A readiness probe's verdict: the Ready and ContainersReady conditions (and containers' ready)."""
+        pod = self._pod_object(cp)
+        status = pod.get("status") or {}
+        flag = "True" if ready else "False"
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        conditions = [
+            {**c, "status": flag, "lastTransitionTime": now}
+            if c.get("type") in ("Ready", "ContainersReady") and c.get("status") != flag
+            else c
+            for c in status.get("conditions") or []
+        ]
+        statuses = [{**c, "ready": ready} for c in status.get("containerStatuses") or []]
+        patched: dict[str, Any] = self._patch_pod_status(
+            cp, {"conditions": conditions, "containerStatuses": statuses}
+        )
+        return patched
+
+    def terminate_pod(self, cp: ClusterPod) -> dict[str, Any]:
+        """Start deleting a pod the way a graceful deletion looks to everyone else: the API object gets
+        its deletionTimestamp and stays (a kubelet finalizer holds it), the sandbox keeps running.
+        :meth:`delete_pod` finishes the job."""
+        path = f"{pods_path(cp.namespace)}/{cp.name}"
+        finalizers = list((self._pod_object(cp)["metadata"]).get("finalizers") or [])
+        if KUBELET_FINALIZER not in finalizers:
+            self.client.patch(path, {"metadata": {"finalizers": [*finalizers, KUBELET_FINALIZER]}})
+        self.client.delete(path)
+        return self._pod_object(cp)
 
     def _attachment(self, cp: ClusterPod) -> Attachment:
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={cp.namespace};K8S_POD_NAME={cp.name};K8S_POD_UID={cp.uid}"
@@ -342,8 +425,52 @@ class Cluster:
         with contextlib.suppress(Exception):
             self.conflist(cp.node).delete(self._attachment(cp), cp.result)
         self.bed.remove_pod(cp.pod)
-        self.client.delete(f"{pods_path(cp.namespace)}/{cp.name}")
+        path = f"{pods_path(cp.namespace)}/{cp.name}"
+        pod = self.client.get(path)
+        finalizers = list(((pod or {}).get("metadata") or {}).get("finalizers") or [])
+        if KUBELET_FINALIZER in finalizers:  # terminate_pod() held it
+            finalizers.remove(KUBELET_FINALIZER)
+            self.client.patch(path, {"metadata": {"finalizers": finalizers or None}})
+        self.client.delete(path)
         self.pods.pop((cp.namespace, cp.name), None)
+
+    # --- services: kube-apiserver allocates, the EndpointSlice controller follows the pods ------
+
+    def add_service(
+        self,
+        name: str,
+        selector: Mapping[str, str] | None,
+        ports: Iterable[int | Mapping[str, Any]],
+        type: str = "ClusterIP",
+        namespace: str = "default",
+        **spec: Any,
+    ) -> dict[str, Any]:
+        """Create a Service; returns it as stored, with its ClusterIP (and nodePorts) allocated.
+
+        ``ports``: numbers (TCP, named ``tcp-N`` when there are several) or ServicePort dicts; ``spec``:
+        any other ServiceSpec field (``clusterIP="None"``, ``sessionAffinity="ClientIP"``...).
+        """
+        entries = list(ports)
+        port_list = [
+            dict(p)
+            if isinstance(p, Mapping)
+            else ({"name": f"tcp-{p}", "port": p} if len(entries) > 1 else {"port": p})
+            for p in entries
+        ]
+        body_spec: dict[str, Any] = {"type": type, "ports": port_list, **spec}
+        if selector is not None:
+            body_spec["selector"] = dict(selector)
+        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": body_spec}
+        created: dict[str, Any] = self.client.create(f"/api/v1/namespaces/{namespace}/services", body)
+        return created
+
+    def delete_service(self, name: str, namespace: str = "default") -> None:
+        """Delete a Service: its IP and ports are released, its EndpointSlices garbage-collected."""
+        self.client.delete(f"/api/v1/namespaces/{namespace}/services/{name}")
+
+    def endpoint_slices(self, service: str, namespace: str = "default") -> list[dict[str, Any]]:
+        path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+        return self.client.list(path, labelSelector=f"kubernetes.io/service-name={service}")
 
     def delete_node(self, node: Node) -> None:
         self.delete_node_named(node.name)
@@ -360,6 +487,9 @@ class Cluster:
         for proc in self.processes.values():
             proc.stop()
         if self.api is not None:
+            if self.endpointslices is not None:
+                with contextlib.suppress(Exception):
+                    self.api.run(self.endpointslices.stop())
             self.api.stop()
         self.bed.teardown()
 
