@@ -493,6 +493,22 @@ def test_kubectl_apply_and_get_services(tmp_path: Path) -> None:
             f'The Service "clash" is invalid: spec.clusterIPs: Invalid value: []string{{"{ip}"}}'
             in refused.stderr
         )
+        endpoints = [{"addresses": [f"10.244.1.{i}"]} for i in range(1, 6)]
+        ports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        body = {
+            "metadata": {"name": "web-abcde"},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports,
+        }
+        api.create("endpointslices", body, "default")
+        api.create("endpointslices", {"metadata": {"name": "web-empty"}, "addressType": "IPv4"}, "default")
+        rows = [line.split() for line in kubectl("get", "endpointslices").stdout.splitlines()]
+        assert [row[:-1] for row in rows] == [
+            ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"],
+            ["web-abcde", "IPv4", "8080", "10.244.1.1,10.244.1.2,10.244.1.3", "+", "2", "more..."],
+            ["web-empty", "IPv4", "<unset>", "<unset>"],
+        ]
         assert kubectl("delete", "service", "web").returncode == 0
         assert api.get("services", "web", "default") is None
         assert api.server.errors == []
