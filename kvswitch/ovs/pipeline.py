@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
+from kvswitch.ovs.reject import REJECT_ACTION
+
 # --- cookie layout (64 bits) -----------------------------------------------------------------
 # | 63..48 round | 47..40 category | 39..0 owner hash |
 # The round changes on every agent start, so the previous round's leftovers can be told apart and
@@ -309,8 +311,6 @@ def learn_affinity(proto: str, timeout: int) -> str:
 def reject_connection() -> str:
     """A Service frontend without endpoints: the agent answers with a TCP RST or an ICMP port
     unreachable (kvswitch.ovs.reject), as kube-proxy does."""
-    from kvswitch.ovs.reject import REJECT_ACTION
-
     return REJECT_ACTION
 
 

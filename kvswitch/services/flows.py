@@ -82,10 +82,10 @@ def service_flows(
                 flows.extend(_frontend(proto, ip, p, reject_connection()) for ip, p in frontends)
                 continue
             gid = group_ids(key)
-            groups.append(_group(gid, proto, selected, svc.affinity_timeout))
+            groups.append(_group(gid, selected))
             enter = f"{REG_SERVICE_GROUP.load(gid)},group:{gid}"
             flows.extend(_frontend(proto, ip, p, enter) for ip, p in frontends)
-            flows.extend(_dnat(gid, proto, ep) for ep in selected)
+            flows.extend(_dnat(gid, proto, ep, svc.affinity_timeout) for ep in selected)
     return _dedupe(flows), groups
 
 
@@ -98,18 +98,20 @@ def _frontend(proto: str, ip: str, port: int, actions: str) -> Flow:
     )
 
 
-def _group(gid: int, proto: str, endpoints: list[Endpoint], affinity: int | None) -> Group:
+def _group(gid: int, endpoints: list[Endpoint]) -> Group:
+    """A bucket is an OpenFlow *action set* (one action of a kind, no learn): it only names the
+    endpoint; ENDPOINT_DNAT does the rest in an ordinary action list."""
     buckets = []
     for i, ep in enumerate(endpoints):
         actions = [REG_ENDPOINT_IP.load(_ip_int(ep.ip)), REG_ENDPOINT_PORT.load(ep.port)]
-        if affinity is not None:
-            actions.append(learn_affinity(proto, affinity))
         actions.append(resubmit(Table.ENDPOINT_DNAT))
         buckets.append(f"bucket=bucket_id:{i},weight:{BUCKET_WEIGHT},actions={','.join(actions)}")
     return Group(group_id=gid, type="select", selection_method="dp_hash", buckets=tuple(buckets))
 
 
-def _dnat(gid: int, proto: str, ep: Endpoint) -> Flow:
+def _dnat(gid: int, proto: str, ep: Endpoint, affinity: int | None) -> Flow:
+    """With session affinity, every new connection (re)learns client → endpoint: kube-proxy's
+    ClientIP timeout counts from the client's last new connection."""
     match = ",".join(
         [
             proto,
@@ -122,7 +124,8 @@ def _dnat(gid: int, proto: str, ep: Endpoint) -> Flow:
         table=Table.ENDPOINT_DNAT,
         priority=PRIO_SERVICE,
         match=match,
-        actions=ct_dnat_commit(ep.ip, ep.port, then=Table.EGRESS),
+        actions=(f"{learn_affinity(proto, affinity)}," if affinity is not None else "")
+        + ct_dnat_commit(ep.ip, ep.port, then=Table.EGRESS),
     )
 
 
