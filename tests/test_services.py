@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections import Counter
@@ -433,3 +434,105 @@ class TestFrontends:
         # the other node has two local endpoints, and never uses b1
         names = {(await ask_tcp(pods["other"].netns, "10.96.0.42", 80)).split()[0] for _ in range(15)}
         assert names == {"b2", "b3"}
+
+
+class TestNodePortFromOutside:
+    async def test_every_node_answers_with_cluster_policy_and_masquerades(
+        self, sbed: ServiceBed, pods: dict[str, Pod]
+    ) -> None:
+        ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30081}]
+        await sbed.apply(
+            [service("npc", "10.96.0.50", ports, type="NodePort")],
+            [endpoint_slice("npc", [pods["b2"]], SLICE_PORTS)],
+        )
+        for node in sbed.bed.nodes.values():
+            name, peer = (await ask_tcp(sbed.ext_ns, node.underlay_ip, 30081)).split()
+            assert name == "b2"
+            # masqueraded by the node the client reached, so replies go back the same way
+            assert peer == sbed.gateway_ip(node), (node.name, peer)
+
+    async def test_local_policy_keeps_the_client_ip_and_only_nodes_with_endpoints_answer(
+        self, sbed: ServiceBed, pods: dict[str, Pod]
+    ) -> None:
+        ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30082}]
+        svc = service("npl", "10.96.0.51", ports, type="NodePort", externalTrafficPolicy="Local")
+        await sbed.apply([svc], [endpoint_slice("npl", [pods["b2"]], SLICE_PORTS)])
+        with_endpoint = sbed.bed.nodes[pods["b2"].node]
+        without = next(n for n in sbed.bed.nodes.values() if n is not with_endpoint)
+        name, peer = (await ask_tcp(sbed.ext_ns, with_endpoint.underlay_ip, 30082)).split()
+        assert name == "b2" and peer not in (sbed.gateway_ip(with_endpoint), with_endpoint.underlay_ip)
+        assert peer.startswith(with_endpoint.underlay_ip.rsplit(".", 1)[0])  # the external host itself
+        with pytest.raises((OSError, TimeoutError)):
+            await ask_tcp(sbed.ext_ns, without.underlay_ip, 30082, timeout=1.0)
+
+
+class TestEndpointChurn:
+    async def test_udp_clients_move_on_when_their_endpoint_goes(
+        self, sbed: ServiceBed, pods: dict[str, Pod]
+    ) -> None:
+        dns = [{"name": "dns", "port": 53, "targetPort": 9090, "protocol": "UDP"}]
+        await sbed.apply(
+            [service("udp", "10.96.0.60", dns)], [endpoint_slice("udp", [pods["b1"]], SLICE_PORTS)]
+        )
+        loop = asyncio.get_running_loop()
+        sock = netns_socket(pods["client"].netns, socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("10.96.0.60", 53))  # one 5-tuple for the whole test
+
+            async def ask() -> str:
+                for _ in range(5):
+                    await loop.sock_sendall(sock, b"?")
+                    with contextlib.suppress(TimeoutError):
+                        return (await asyncio.wait_for(loop.sock_recv(sock, 256), 0.5)).decode().split()[0]
+                raise TimeoutError
+
+            assert await ask() == "b1"
+            await sbed.apply([], [endpoint_slice("udp", [pods["b3"]], SLICE_PORTS)])
+            # b1 still runs and would answer: only a flushed conntrack entry sends the client on
+            assert await ask() == "b3"
+        finally:
+            sock.close()
+
+
+class TestHealthCheckNodePort:
+    async def test_answers_the_local_endpoint_count(self, sbed: ServiceBed, pods: dict[str, Pod]) -> None:
+        ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30083}]
+        svc = service(
+            "hc",
+            "10.96.0.52",
+            ports,
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            healthCheckNodePort=32001,
+        )
+        await sbed.apply([svc], [endpoint_slice("hc", [pods["b2"], pods["b3"]], SLICE_PORTS)])
+        with_endpoints = sbed.bed.nodes[pods["b2"].node]
+        without = next(n for n in sbed.bed.nodes.values() if n is not with_endpoints)
+        for node, status, count in ((with_endpoints, 200, 2), (without, 503, 0)):
+            got_status, body = await http_get(sbed.ext_ns, node.underlay_ip, 32001)
+            assert got_status == status
+            assert json.loads(body) == {
+                "service": {"namespace": NS, "name": "hc"},
+                "localEndpoints": count,
+                "serviceProxyHealthy": True,
+            }
+        await sbed.delete(services=[f"{NS}/hc"])
+        with pytest.raises(OSError):
+            await http_get(sbed.ext_ns, with_endpoints.underlay_ip, 32001)
+
+
+async def http_get(netns: str, ip: str, port: int) -> tuple[int, str]:
+    loop = asyncio.get_running_loop()
+    sock = netns_socket(netns, socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), 2)
+        await loop.sock_sendall(sock, f"GET /healthz HTTP/1.1\r\nHost: {ip}\r\n\r\n".encode())
+        data = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 2):
+            data += chunk
+        head, _, body = data.decode().partition("\r\n\r\n")
+        return int(head.split()[1]), body
+    finally:
+        sock.close()

@@ -22,10 +22,11 @@ from kvswitch.node.datapath import NodeDatapath
 from kvswitch.node.policy import PolicyInputs
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
-from kvswitch.ovs.pipeline import POLICY_OWNER, Category, Owner
+from kvswitch.ovs.pipeline import NODEPORT_VIP, POLICY_OWNER, Category, Owner
 from kvswitch.ovs.reject import RejectResponder
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 from kvswitch.services.flows import NodeContext
+from kvswitch.services.health import HealthCheckServers
 from kvswitch.services.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class NodeAgent:
         self._services_dirty: set[str] = set()
         self._services_wake = asyncio.Event()
         self._programmed_services: set[str] = set()
+        self._udp_backends: dict[str, set[tuple[str, int]]] = {}
         self.services_applied = 0
         self.reject = RejectResponder(self.datapath.ofctl.target, settings.ovs_rundir)
+        self.health = HealthCheckServers(settings.host_netns)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -75,6 +78,7 @@ class NodeAgent:
                 await t
         self._tasks.clear()
         await self.cni_server.stop()
+        await self.health.close()
         await self.datapath.stop()
 
     # --- this node ------------------------------------------------------------------------
@@ -182,6 +186,7 @@ class NodeAgent:
         self._services_dirty = set() if enabled else self._services_dirty | dirty
         if not dirty:
             return 0
+        udp_before = {key: self._udp_backends.pop(key, set()) for key in dirty}
         flows: dict[Owner, list[Flow]] = {}
         groups: dict[Owner, list[Group]] = {}
         for key in dirty:
@@ -189,6 +194,18 @@ class NodeAgent:
             f, g = self.services.translate(key) if enabled else ([], [])
             flows[owner], groups[owner] = f, g
         changed = await self.datapath.reconciler.set_many(flows, groups)
+        cluster_ports, local_ports = self.services.node_ports() if enabled else (set(), set())
+        await asyncio.to_thread(self.datapath.host.ensure_nodeports, NODEPORT_VIP, cluster_ports, local_ports)
+        await self.health.sync(self.services.health_checks() if enabled else {})
+        gone: set[tuple[str, int]] = set()
+        for key in dirty:
+            now = self.services.udp_backends(key) if enabled else set()
+            if now:
+                self._udp_backends[key] = now
+            gone |= udp_before[key] - now
+        # UDP has no end: without this a client keeps its conntrack entry to a removed endpoint.
+        for ip, port in sorted(gone - {b for bs in self._udp_backends.values() for b in bs}):
+            await self.datapath.flush_udp_conntrack(ip, port)
         for key in dirty:
             if flows[Owner(Category.SERVICE, key)]:
                 self._programmed_services.add(key)

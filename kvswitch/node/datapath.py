@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kvswitch.cni.contract import ID_IP, ID_MAC, ID_OWNER, ID_POD_NAME, ID_POD_NAMESPACE, PLUGIN_NAME
 from kvswitch.config import AgentSettings, VSwitchConfigSpec
@@ -18,11 +20,13 @@ from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.openflow import FlowReconciler, Ofctl
 from kvswitch.ovs.ovsdb import AsyncOvsdb, EnsureBridge, EnsurePort, PortInfo
 from kvswitch.ovs.pipeline import (
+    CT_ZONE,
     EXT_ROLE,
     GATEWAY_MAC,
     GATEWAY_OFPORT,
     GATEWAY_PORT,
     NODE_OWNER,
+    NODEPORT_VIP,
     TUNNEL_OFPORT,
     TUNNEL_PORT,
     Category,
@@ -163,8 +167,34 @@ class NodeDatapath:
         if previous is not None and previous.service_cidr != spec.service_cidr:
             self.host.remove_route(previous.service_cidr)
         self.host.ensure_route(spec.service_cidr, GATEWAY_PORT, mtu)
+        self.host.ensure_route(f"{NODEPORT_VIP}/32", GATEWAY_PORT, mtu)
         self.host.ensure_forwarding()
         self.host.ensure_snat(spec.cluster_cidr)
+
+    async def flush_udp_conntrack(self, ip: str, port: int) -> None:
+        """Forget UDP connections whose replies come from ``ip:port`` (a removed endpoint).
+
+        OVS's userspace conntrack matches a flush by the tuple it stores; a DNATed connection's
+        reply tuple starts at the endpoint, so a partial reply tuple names exactly its entries."""
+        reply = f"ct_nw_src={ip},ct_nw_proto=17,ct_tp_src={port}"
+        try:
+            await self.appctl("dpctl/flush-conntrack", f"zone={CT_ZONE}", "", reply)
+        except RuntimeError as exc:
+            log.warning("flushing UDP conntrack of %s:%d failed: %s", ip, port, exc)
+
+    async def appctl(self, *args: str) -> str:
+        rundir = self.settings.ovs_rundir
+        ctl = Path(rundir) / "ovs-vswitchd.ctl" if rundir else None
+        target = str(ctl) if ctl is not None and ctl.exists() else "ovs-vswitchd"
+        env = {**os.environ, "OVS_RUNDIR": rundir} if rundir else None
+        proc = await asyncio.create_subprocess_exec(
+            "ovs-appctl", "-t", target, *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"ovs-appctl {args[0]}: {err.decode().strip() or out.decode().strip()}")
+        return out.decode()
 
     # --- other nodes ----------------------------------------------------------------------
 

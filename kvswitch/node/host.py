@@ -15,11 +15,14 @@ from kvswitch.kernel.netns import netns_path
 from kvswitch.kernel.rtnl import Rtnl, open_rtnl
 
 NFT_TABLE = "k_vswitch"
+NFT_NODEPORT_TABLE = "k_vswitch_nodeport"
+NODEPORT_MASQ_MARK = 0x6B760000  # a bit pattern of ours in the packet mark
 
 
 class HostNetwork:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
+        self._nodeport_script: str | None = None
 
     def _rtnl(self) -> Rtnl:
         return open_rtnl(netns_path(self.netns) if self.netns else None)
@@ -72,8 +75,56 @@ class HostNetwork:
         )
         self._run(["nft", "-f", "-"], input=ruleset)
 
+    def ensure_nodeports(self, vip: str, cluster: set[tuple[str, int]], local: set[tuple[str, int]]) -> bool:
+        """Send NodePort traffic that reaches the host into OVS: DNAT to ``vip`` (routed to the
+        gateway, where the proxy's flows pick the endpoint), port kept. ``cluster`` ports are also
+        masqueraded (externalTrafficPolicy: Cluster, so replies return through this node); ``local``
+        ports keep the client's source. Not a rule per Service: two sets of (protocol, port), as
+        Antrea's proxy does with ipsets. Empty sets remove the table. True if something changed."""
+        script = _nodeport_script(vip, cluster, local)
+        if script == self._nodeport_script:
+            return False
+        self._run(["nft", "-f", "-"], input=script)
+        self._nodeport_script = script
+        return True
+
+    def nodeport_rules(self) -> str:
+        try:
+            return self._run(["nft", "list", "table", "ip", NFT_NODEPORT_TABLE])
+        except RuntimeError:
+            return ""
+
     def snat_rules(self) -> str:
         try:
             return self._run(["nft", "list", "table", "ip", NFT_TABLE])
         except RuntimeError:
             return ""
+
+
+def _nodeport_script(vip: str, cluster: set[tuple[str, int]], local: set[tuple[str, int]]) -> str:
+    reset = f"table ip {NFT_NODEPORT_TABLE} {{}}\ndelete table ip {NFT_NODEPORT_TABLE}\n"
+    if not cluster and not local:
+        return reset
+
+    def elements(ports: set[tuple[str, int]]) -> str:
+        items = ", ".join(f"{proto.lower()} . {port}" for proto, port in sorted(ports))
+        return f"    elements = {{ {items} }}\n" if items else ""
+
+    match = "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport"
+    mark = f"{NODEPORT_MASQ_MARK:#x}"
+    dnat = (
+        f"    {match} @cluster meta mark set meta mark | {mark} dnat ip to {vip}\n"
+        f"    {match} @local dnat ip to {vip}\n"
+    )
+    return reset + (
+        f"table ip {NFT_NODEPORT_TABLE} {{\n"
+        "  set cluster {\n    type inet_proto . inet_service\n" + elements(cluster) + "  }\n"
+        "  set local {\n    type inet_proto . inet_service\n" + elements(local) + "  }\n"
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+        + dnat
+        + "  }\n"
+        "  chain output {\n    type nat hook output priority -100; policy accept;\n" + dnat + "  }\n"
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
+        f"    meta mark & {mark} == {mark} masquerade\n  }}\n"
+        "}\n"
+    )

@@ -229,6 +229,7 @@ def resubmit(table: Table) -> str:
 CT_ZONE = 1  # conntrack zone of pod traffic: policy state and Service DNAT
 SNAT_ZONE = 2  # hairpin SNAT only: a pod reaching itself through a Service
 HAIRPIN_SNAT_IP = "169.254.0.252"  # the source a pod sees on its own connections through a Service
+NODEPORT_VIP = "169.254.0.253"  # the host DNATs NodePort traffic to it; routed into OVS
 
 
 class CtMark(IntEnum):

@@ -17,6 +17,7 @@ from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
 from kvswitch.ovs.pipeline import (
     AFFINITY_HIT,
+    NODEPORT_VIP,
     PRIO_SERVICE,
     PRIO_SERVICE_AFFINITY,
     REG_ENDPOINT_IP,
@@ -69,7 +70,9 @@ def service_flows(
         frontends_internal = [(ip, port.port) for ip in svc.cluster_ips]
         frontends_external = [(ip, port.port) for ip in svc.external_ips]
         if port.node_port is not None:
-            frontends_external += [(ip, port.node_port) for ip in node.addresses]
+            # the node's own addresses (a pod reaching them), and where the host DNATs NodePorts
+            addresses = (*node.addresses, NODEPORT_VIP)
+            frontends_external += [(ip, port.node_port) for ip in addresses]
         for scope, selected, frontends in (
             ("cluster", internal, frontends_internal),
             ("external", external, frontends_external),
@@ -78,8 +81,11 @@ def service_flows(
                 continue
             key = f"{svc.key}/{port.protocol}/{port.port}/{scope}"
             if not selected:
-                # kube-proxy rejects at once (TCP RST, ICMP port unreachable), never a timeout.
-                flows.extend(_frontend(proto, ip, p, reject_connection()) for ip, p in frontends)
+                # kube-proxy rejects at once (TCP RST, ICMP port unreachable), never a timeout;
+                # but drops what externalTrafficPolicy: Local keeps away from remote endpoints.
+                local_only = scope == "external" and svc.external_local and bool(candidates)
+                action = "drop" if local_only else reject_connection()
+                flows.extend(_frontend(proto, ip, p, action) for ip, p in frontends)
                 continue
             gid = group_ids(key)
             groups.append(_group(gid, selected))

@@ -12,7 +12,15 @@ from typing import Any
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
 from kvswitch.services.flows import NodeContext, service_flows
-from kvswitch.services.model import Endpoint, ServiceInfo, SliceInfo, parse_service, parse_slice
+from kvswitch.services.health import HealthCheck
+from kvswitch.services.model import (
+    Endpoint,
+    ServiceInfo,
+    SliceInfo,
+    parse_service,
+    parse_slice,
+    select_endpoints,
+)
 
 
 class GroupIds:
@@ -87,6 +95,42 @@ class ServiceState:
 
     def endpoints(self, service_key: str) -> list[tuple[str, str, Endpoint]]:
         return [e for s in sorted(self._by_service.get(service_key, ())) for e in self.slices[s].endpoints]
+
+    def node_ports(self) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+        """(protocol, NodePort) of every Service: those with externalTrafficPolicy Cluster, Local."""
+        cluster: set[tuple[str, int]] = set()
+        local: set[tuple[str, int]] = set()
+        for svc in self.services.values():
+            for port in svc.ports:
+                if port.node_port is not None:
+                    (local if svc.external_local else cluster).add((port.protocol, port.node_port))
+        return cluster, local
+
+    def udp_backends(self, key: str) -> set[tuple[str, int]]:
+        """(ip, port) of every endpoint this node sends the Service's UDP traffic to."""
+        svc = self.services.get(key)
+        if svc is None:
+            return set()
+        eps = self.endpoints(key)
+        out: set[tuple[str, int]] = set()
+        for port in svc.ports:
+            if port.protocol != "UDP":
+                continue
+            candidates = [e for name, proto, e in eps if name == port.name and proto == "UDP"]
+            for local in {svc.internal_local, svc.external_local}:
+                out |= {(e.ip, e.port) for e in select_endpoints(candidates, self.node.name, local)}
+        return out
+
+    def health_checks(self) -> dict[int, HealthCheck]:
+        """healthCheckNodePort → the Service and how many of its endpoints serve on this node."""
+        out: dict[int, HealthCheck] = {}
+        for key, svc in self.services.items():
+            if svc.health_check_node_port is None or not svc.external_local:
+                continue
+            candidates = [e for _, _, e in self.endpoints(key)]
+            local = {e.ip for e in select_endpoints(candidates, self.node.name, True)}
+            out[svc.health_check_node_port] = HealthCheck(svc.namespace, svc.name, len(local))
+        return out
 
     def translate(self, key: str) -> tuple[list[Flow], list[Group]]:
         """The flows and groups of one Service on this node (nothing when it is gone)."""
