@@ -536,3 +536,73 @@ async def http_get(netns: str, ip: str, port: int) -> tuple[int, str]:
         return int(head.split()[1]), body
     finally:
         sock.close()
+
+
+class TestScaleAndRestart:
+    async def test_one_to_three_hundred_to_one_endpoints(
+        self, sbed: ServiceBed, pods: dict[str, Pod]
+    ) -> None:
+        """299 of the 300 endpoints are addresses of no pod: every connection must still reach the
+        one real backend when the Service is back to one endpoint, and the group holds 300 buckets."""
+        await sbed.apply(
+            [service("scale", "10.96.0.70", HTTP)], [endpoint_slice("scale", [pods["b3"]], SLICE_PORTS)]
+        )
+        assert (await ask_tcp(pods["client"].netns, "10.96.0.70", 80)).startswith("b3")
+        ghosts = [
+            Pod(f"g{i}", f"10.244.{200 + i // 250}.{1 + i % 250}", "", pods["b3"].node) for i in range(299)
+        ]
+        slices = [
+            endpoint_slice("scale", chunk, SLICE_PORTS, suffix=str(n))
+            for n, chunk in enumerate([[pods["b3"], *ghosts[:99]], ghosts[99:199], ghosts[199:]])
+        ]
+        await sbed.apply([], slices)
+        agent = sbed.agents[pods["client"].node]
+        groups = await agent.datapath.ofctl.dump_groups()
+        assert max(text.count("bucket=") for text in groups.values()) == 300
+        await sbed.delete(slices=[f"{NS}/scale-1", f"{NS}/scale-2"])
+        await sbed.apply([], [endpoint_slice("scale", [pods["b3"]], SLICE_PORTS, suffix="0")])
+        for _ in range(10):
+            assert (await ask_tcp(pods["client"].netns, "10.96.0.70", 80)).startswith("b3")
+
+    async def test_agent_restart_keeps_a_stream_through_a_service(
+        self, sbed: ServiceBed, pods: dict[str, Pod]
+    ) -> None:
+        svc = service("restart", "10.96.0.71", HTTP)
+        slice_ = endpoint_slice("restart", [pods["b2"]], SLICE_PORTS)
+        await sbed.apply([svc], [slice_])
+        loop = asyncio.get_running_loop()
+        client = pods["client"]
+        sock = netns_socket(client.netns, socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("10.96.0.71", 80))
+            assert (await asyncio.wait_for(loop.sock_recv(sock, 256), 2)).startswith(b"b2")
+            old = sbed.agents[client.node]
+            await old.stop()  # no cleanup of flows: what a kill -9 leaves behind
+            new = NodeAgent(old.settings)
+            sbed.agents[client.node] = new
+            await new.start()
+            spec = old.datapath.local_config()
+            assert spec is not None
+            await new.apply_local(spec)
+            for other in sbed.agents.values():
+                other_spec = other.datapath.local_config()
+                if other is not new and other_spec is not None:
+                    await new.set_remote(other.settings.node_name, other_spec)
+            new.set_service(_key(svc), svc)
+            new.set_endpoint_slice(_key(slice_), slice_)
+            await new.apply_services()
+            sent = 0
+            for i in range(50):  # the stream keeps flowing while the new round replaces the old
+                await loop.sock_sendall(sock, f"m{i}".encode())
+                got = await asyncio.wait_for(loop.sock_recv(sock, 256), 2)
+                assert got == f"m{i}".encode()
+                sent += 1
+                if i == 10:
+                    await new.finish_startup()
+            assert sent == 50
+            assert (await ask_tcp(client.netns, "10.96.0.71", 80)).startswith("b2")
+            live_rounds = {f.cookie >> 48 for f in await new.datapath.ofctl.dump() if f.cookie >> 48}
+            assert live_rounds == {new.datapath.reconciler.round}
+        finally:
+            sock.close()

@@ -45,7 +45,7 @@ class NodeAgent:
         self._services_dirty: set[str] = set()
         self._services_wake = asyncio.Event()
         self._programmed_services: set[str] = set()
-        self._udp_backends: dict[str, set[tuple[str, int]]] = {}
+        self._udp_backends: dict[str, set[tuple[str, int, str, int]]] = {}
         self.services_applied = 0
         self.reject = RejectResponder(self.datapath.ofctl.target, settings.ovs_rundir)
         self.health = HealthCheckServers(settings.host_netns)
@@ -197,15 +197,13 @@ class NodeAgent:
         cluster_ports, local_ports = self.services.node_ports() if enabled else (set(), set())
         await asyncio.to_thread(self.datapath.host.ensure_nodeports, NODEPORT_VIP, cluster_ports, local_ports)
         await self.health.sync(self.services.health_checks() if enabled else {})
-        gone: set[tuple[str, int]] = set()
+        # UDP has no end: without this a client keeps its conntrack entry to a removed endpoint.
         for key in dirty:
             now = self.services.udp_backends(key) if enabled else set()
             if now:
                 self._udp_backends[key] = now
-            gone |= udp_before[key] - now
-        # UDP has no end: without this a client keeps its conntrack entry to a removed endpoint.
-        for ip, port in sorted(gone - {b for bs in self._udp_backends.values() for b in bs}):
-            await self.datapath.flush_udp_conntrack(ip, port)
+            for frontend, port, endpoint, endpoint_port in sorted(udp_before[key] - now):
+                await self.datapath.flush_udp_conntrack(frontend, port, endpoint, endpoint_port)
         for key in dirty:
             if flows[Owner(Category.SERVICE, key)]:
                 self._programmed_services.add(key)

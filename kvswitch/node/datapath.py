@@ -171,16 +171,25 @@ class NodeDatapath:
         self.host.ensure_forwarding()
         self.host.ensure_snat(spec.cluster_cidr)
 
-    async def flush_udp_conntrack(self, ip: str, port: int) -> None:
-        """Forget UDP connections whose replies come from ``ip:port`` (a removed endpoint).
+    async def flush_udp_conntrack(self, frontend: str, port: int, endpoint: str, endpoint_port: int) -> None:
+        """Forget UDP connections to ``frontend:port`` that were sent to ``endpoint:endpoint_port``.
 
-        OVS's userspace conntrack matches a flush by the tuple it stores; a DNATed connection's
-        reply tuple starts at the endpoint, so a partial reply tuple names exactly its entries."""
-        reply = f"ct_nw_src={ip},ct_nw_proto=17,ct_tp_src={port}"
+        Partial tuples (OVS ≥ 3.1): the original one names the Service frontend, the reply one the
+        endpoint (a DNATed connection's reply comes from it), so other Services' clients of the same
+        endpoint keep theirs."""
+        orig = f"ct_nw_dst={frontend},ct_nw_proto=17,ct_tp_dst={port}"
+        reply = f"ct_nw_src={endpoint},ct_nw_proto=17,ct_tp_src={endpoint_port}"
         try:
-            await self.appctl("dpctl/flush-conntrack", f"zone={CT_ZONE}", "", reply)
+            await self.appctl("dpctl/flush-conntrack", f"zone={CT_ZONE}", orig, reply)
         except RuntimeError as exc:
-            log.warning("flushing UDP conntrack of %s:%d failed: %s", ip, port, exc)
+            log.warning(
+                "flushing UDP conntrack of %s:%d via %s:%d failed: %s",
+                frontend,
+                port,
+                endpoint,
+                endpoint_port,
+                exc,
+            )
 
     async def appctl(self, *args: str) -> str:
         rundir = self.settings.ovs_rundir

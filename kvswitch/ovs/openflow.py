@@ -224,7 +224,8 @@ class FlowReconciler:
                         raise FlowConflict(f"{owner} and {holder} both claim group {gid}")
                     before = old_groups.get(gid)
                     if before is None:
-                        group_adds.append("group add " + group.render())
+                        # add_or_mod: after a restart the previous round's group may hold this id
+                        group_adds.append("group add_or_mod " + group.render())
                     elif before != group:
                         group_adds.append("group modify " + group.render())
                 group_dels.extend(
@@ -297,7 +298,7 @@ class FlowReconciler:
             if live.get(gid) == text:
                 report.unchanged += 1
             else:
-                adds.append(("group modify " if gid in live else "group add ") + text)
+                adds.append("group add_or_mod " + text)
                 report.added += 1
         dels = [f"group delete group_id={gid}" for gid in live if gid not in desired]
         report.deleted += len(dels)

@@ -11,6 +11,7 @@ from typing import Any
 
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
+from kvswitch.ovs.pipeline import NODEPORT_VIP
 from kvswitch.services.flows import NodeContext, service_flows
 from kvswitch.services.health import HealthCheck
 from kvswitch.services.model import (
@@ -106,19 +107,24 @@ class ServiceState:
                     (local if svc.external_local else cluster).add((port.protocol, port.node_port))
         return cluster, local
 
-    def udp_backends(self, key: str) -> set[tuple[str, int]]:
-        """(ip, port) of every endpoint this node sends the Service's UDP traffic to."""
+    def udp_backends(self, key: str) -> set[tuple[str, int, str, int]]:
+        """(frontend ip, port, endpoint ip, port) of every UDP path this node programs for the Service."""
         svc = self.services.get(key)
         if svc is None:
             return set()
         eps = self.endpoints(key)
-        out: set[tuple[str, int]] = set()
+        out: set[tuple[str, int, str, int]] = set()
         for port in svc.ports:
             if port.protocol != "UDP":
                 continue
             candidates = [e for name, proto, e in eps if name == port.name and proto == "UDP"]
-            for local in {svc.internal_local, svc.external_local}:
-                out |= {(e.ip, e.port) for e in select_endpoints(candidates, self.node.name, local)}
+            internal = select_endpoints(candidates, self.node.name, svc.internal_local)
+            external = select_endpoints(candidates, self.node.name, svc.external_local)
+            fronts = [(ip, port.port, internal) for ip in svc.cluster_ips]
+            fronts += [(ip, port.port, external) for ip in svc.external_ips]
+            if port.node_port is not None:
+                fronts += [(ip, port.node_port, external) for ip in (*self.node.addresses, NODEPORT_VIP)]
+            out |= {(ip, p, e.ip, e.port) for ip, p, selected in fronts for e in selected}
         return out
 
     def health_checks(self) -> dict[int, HealthCheck]:
