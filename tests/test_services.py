@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from kvswitch_testbed.netns import netns_socket
+from kvswitch_testbed.sctp import IPPROTO_SCTP, SctpCatcher, init_packet
 
 from kvswitch.node.agent import NodeAgent
 from kvswitch.ovs.pipeline import HAIRPIN_SNAT_IP, Category
@@ -606,3 +608,46 @@ class TestScaleAndRestart:
             assert live_rounds == {new.datapath.reconciler.round}
         finally:
             sock.close()
+
+
+class TestSctp:
+    async def test_sctp_init_is_translated_to_the_endpoint(
+        self, sbed: ServiceBed, pods: dict[str, Pod]
+    ) -> None:
+        """The pods' kernels have no SCTP sockets: a crafted INIT to the ClusterIP must arrive at the
+        backend addressed to the endpoint's port, from the client."""
+        ports = [{"name": "sctp", "port": 9, "targetPort": 9999, "protocol": "SCTP"}]
+        slice_ports = [{"name": "sctp", "port": 9999, "protocol": "SCTP"}]
+        await sbed.apply(
+            [service("sctp", "10.96.0.80", ports)], [endpoint_slice("sctp", [pods["b2"]], slice_ports)]
+        )
+        catcher = SctpCatcher(pods["b2"].netns)
+        sock = netns_socket(pods["client"].netns, socket.AF_INET, socket.SOCK_RAW, IPPROTO_SCTP)
+        try:
+            tag = int.from_bytes(os.urandom(4), "big") | 1
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                sock.sendto(init_packet(40000, 9, tag), ("10.96.0.80", 0))
+                await asyncio.sleep(0.1)
+                catcher.drain()
+                if any(t == tag for _, _, t in catcher.seen):
+                    break
+            assert (pods["client"].ip, 9999, tag) in catcher.seen, catcher.seen
+            # the backend's answer comes back from the Service address and port
+            back = netns_socket(pods["b2"].netns, socket.AF_INET, socket.SOCK_RAW, IPPROTO_SCTP)
+            at_client = SctpCatcher(pods["client"].netns)
+            try:
+                reply_tag = tag ^ 0xFFFF
+                for _ in range(20):
+                    back.sendto(init_packet(9999, 40000, reply_tag), (pods["client"].ip, 0))
+                    await asyncio.sleep(0.1)
+                    at_client.drain()
+                    if any(t == reply_tag for _, _, t in at_client.sources):
+                        break
+                assert ("10.96.0.80", 9, reply_tag) in at_client.sources, at_client.sources
+            finally:
+                back.close()
+                at_client.close()
+        finally:
+            sock.close()
+            catcher.close()

@@ -10,6 +10,7 @@ Table-by-table description: docs/pipeline.md; docs/services.md for the semantics
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -87,12 +88,45 @@ def service_flows(
                 action = "drop" if local_only else reject_connection()
                 flows.extend(_frontend(proto, ip, p, action) for ip, p in frontends)
                 continue
+            if proto == "sctp":
+                selected, frontends = _sctp_ports(selected, frontends, flows)
             gid = group_ids(key)
             groups.append(_group(gid, selected))
             enter = f"{REG_SERVICE_GROUP.load(gid)},group:{gid}"
             flows.extend(_frontend(proto, ip, p, enter) for ip, p in frontends)
             flows.extend(_dnat(gid, proto, ep, svc.affinity_timeout) for ep in selected)
     return _dedupe(flows), groups
+
+
+def _sctp_ports(
+    selected: list[Endpoint], frontends: list[tuple[str, int]], flows: list[Flow]
+) -> tuple[list[Endpoint], list[tuple[str, int]]]:
+    """OVS's userspace conntrack before 3.3 translates an SCTP connection's address but not its
+    port, so the port is rewritten statelessly around conntrack: to the endpoints' port before it,
+    back to the Service's on replies after it. One port number per Service port, then: endpoints
+    with another number (a named targetPort resolved differently) are left out. Correct on newer
+    OVS too (its NAT then finds the port already right)."""
+    target = Counter(e.port for e in selected).most_common(1)[0][0]
+    for ip, port in frontends:
+        if port == target:
+            continue
+        flows.append(
+            Flow(
+                table=Table.CONNTRACK,
+                priority=PRIO_SERVICE,
+                match=f"sctp,nw_dst={ip},tp_dst={port}",
+                actions=f"set_field:{target}->sctp_dst,{goto(Table.CT_ZONE)}",
+            )
+        )
+        flows.append(
+            Flow(
+                table=Table.CT_STATE,
+                priority=PRIO_SERVICE,
+                match=f"ct_state=+rpl+trk,sctp,nw_src={ip},tp_src={target}",
+                actions=f"set_field:{port}->sctp_src,{goto(Table.EGRESS)}",
+            )
+        )
+    return [e for e in selected if e.port == target], [(ip, target) for ip, _ in frontends]
 
 
 def _frontend(proto: str, ip: str, port: int, actions: str) -> Flow:

@@ -49,6 +49,7 @@ class SctpCatcher:
         self.sock = netns_socket(netns, socket.AF_INET, socket.SOCK_RAW, IPPROTO_SCTP)
         self.sock.setblocking(False)
         self.seen: set[tuple[str, int, int]] = set()
+        self.sources: set[tuple[str, int, int]] = set()  # (source IP, source port, tag)
 
     def drain(self) -> None:
         while True:
@@ -58,9 +59,10 @@ class SctpCatcher:
                 return
             ihl = (pkt[0] & 0x0F) * 4
             if len(pkt) >= ihl + 20:
-                dst_port = struct.unpack("!H", pkt[ihl + 2 : ihl + 4])[0]
+                src_port, dst_port = struct.unpack("!HH", pkt[ihl : ihl + 4])
                 tag = struct.unpack("!I", pkt[ihl + 16 : ihl + 20])[0]
                 self.seen.add((src, dst_port, tag))
+                self.sources.add((src, src_port, tag))
 
     def close(self) -> None:
         self.sock.close()
