@@ -10,6 +10,8 @@ Table-by-table description: docs/pipeline.md; docs/services.md for the semantics
 
 from __future__ import annotations
 
+import functools
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,8 +67,6 @@ def service_flows(
     eps = list(endpoints)
     for port in svc.ports:
         candidates = endpoints_for_port(port, eps)
-        internal = select_endpoints(candidates, node.name, svc.internal_local)
-        external = select_endpoints(candidates, node.name, svc.external_local)
         proto = PROTO[port.protocol]
         frontends_internal = [(ip, port.port) for ip in svc.cluster_ips]
         frontends_external = [(ip, port.port) for ip in svc.external_ips]
@@ -74,6 +74,14 @@ def service_flows(
             # the node's own addresses (a pod reaching them), and where the host DNATs NodePorts
             addresses = (*node.addresses, NODEPORT_VIP)
             frontends_external += [(ip, port.node_port) for ip in addresses]
+        # (selection sorts the endpoints: done once per scope that has frontends, shared when equal)
+        internal = select_endpoints(candidates, node.name, svc.internal_local) if frontends_internal else []
+        if not frontends_external:
+            external = []
+        elif svc.external_local == svc.internal_local and frontends_internal:
+            external = internal
+        else:
+            external = select_endpoints(candidates, node.name, svc.external_local)
         for scope, selected, frontends in (
             ("cluster", internal, frontends_internal),
             ("external", external, frontends_external),
@@ -91,10 +99,15 @@ def service_flows(
             if proto == "sctp":
                 selected, frontends = _sctp_ports(selected, frontends, flows)
             gid = group_ids(key)
-            groups.append(_group(gid, selected))
+            regs = [_endpoint_regs(ep) for ep in selected]
+            groups.append(_group(gid, [load for load, _ in regs]))
             enter = f"{REG_SERVICE_GROUP.load(gid)},group:{gid}"
             flows.extend(_frontend(proto, ip, p, enter) for ip, p in frontends)
-            flows.extend(_dnat(gid, proto, ep, svc.affinity_timeout) for ep in selected)
+            learn = (
+                f"{learn_affinity(proto, svc.affinity_timeout)}," if svc.affinity_timeout is not None else ""
+            )
+            head = f"{proto},{REG_SERVICE_GROUP.match(gid)}"
+            flows.extend(_dnat(head, ep, match, learn) for ep, (_, match) in zip(selected, regs, strict=True))
     return _dedupe(flows), groups
 
 
@@ -138,34 +151,38 @@ def _frontend(proto: str, ip: str, port: int, actions: str) -> Flow:
     )
 
 
-def _group(gid: int, endpoints: list[Endpoint]) -> Group:
+def _endpoint_regs(ep: Endpoint) -> tuple[str, str]:
+    """The endpoint in registers: (set_field actions for a bucket, match for ENDPOINT_DNAT).
+    Built once per endpoint: a full sync of 10k Services names 100k of them."""
+    ip = _ip_int(ep.ip)
+    port_load, port_match = _port_regs(ep.port)
+    return f"{REG_ENDPOINT_IP.load(ip)},{port_load}", f"{REG_ENDPOINT_IP.match(ip)},{port_match}"
+
+
+@functools.cache
+def _port_regs(port: int) -> tuple[str, str]:  # at most 65535 entries; endpoints share a few ports
+    return REG_ENDPOINT_PORT.load(port), REG_ENDPOINT_PORT.match(port)
+
+
+def _group(gid: int, loads: list[str]) -> Group:
     """A bucket is an OpenFlow *action set* (one action of a kind, no learn): it only names the
     endpoint; ENDPOINT_DNAT does the rest in an ordinary action list."""
-    buckets = []
-    for i, ep in enumerate(endpoints):
-        actions = [REG_ENDPOINT_IP.load(_ip_int(ep.ip)), REG_ENDPOINT_PORT.load(ep.port)]
-        actions.append(resubmit(Table.ENDPOINT_DNAT))
-        buckets.append(f"bucket=bucket_id:{i},weight:{BUCKET_WEIGHT},actions={','.join(actions)}")
-    return Group(group_id=gid, type="select", selection_method="dp_hash", buckets=tuple(buckets))
-
-
-def _dnat(gid: int, proto: str, ep: Endpoint, affinity: int | None) -> Flow:
-    """With session affinity, every new connection (re)learns client → endpoint: kube-proxy's
-    ClientIP timeout counts from the client's last new connection."""
-    match = ",".join(
-        [
-            proto,
-            REG_SERVICE_GROUP.match(gid),
-            REG_ENDPOINT_IP.match(_ip_int(ep.ip)),
-            REG_ENDPOINT_PORT.match(ep.port),
-        ]
+    then = resubmit(Table.ENDPOINT_DNAT)
+    buckets = tuple(
+        f"bucket=bucket_id:{i},weight:{BUCKET_WEIGHT},actions={load},{then}" for i, load in enumerate(loads)
     )
+    return Group(group_id=gid, type="select", selection_method="dp_hash", buckets=buckets)
+
+
+def _dnat(head: str, ep: Endpoint, regs_match: str, learn: str) -> Flow:
+    """``head``: protocol and the Service port's group; ``learn``: with session affinity, every new
+    connection (re)learns client → endpoint (kube-proxy's ClientIP timeout counts from the client's
+    last new connection)."""
     return Flow(
         table=Table.ENDPOINT_DNAT,
         priority=PRIO_SERVICE,
-        match=match,
-        actions=(f"{learn_affinity(proto, affinity)}," if affinity is not None else "")
-        + ct_dnat_commit(ep.ip, ep.port, then=Table.EGRESS),
+        match=f"{head},{regs_match}",
+        actions=learn + ct_dnat_commit(ep.ip, ep.port, then=Table.EGRESS),
     )
 
 
@@ -184,8 +201,7 @@ def affinity_flows() -> list[Flow]:
 
 
 def _ip_int(ip: str) -> int:
-    a, b, c, d = (int(x) for x in ip.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
+    return int.from_bytes(socket.inet_aton(ip), "big")  # ip is a dotted quad (parse_slice checked)
 
 
 def _dedupe(flows: list[Flow]) -> list[Flow]:

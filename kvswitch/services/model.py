@@ -8,6 +8,7 @@ return a frozen model or raise :class:`UntranslatableService` saying which field
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,5 +187,6 @@ def select_endpoints(candidates: list[Endpoint], node: str, local_only: bool) ->
     return sorted({e for e in candidates if e.serving and e.terminating}, key=_order)
 
 
-def _order(e: Endpoint) -> tuple[int, int]:
-    return int(ipaddress.IPv4Address(e.ip)), e.port
+def _order(e: Endpoint) -> tuple[bytes, int]:
+    # numeric address order: 4 network-order bytes compare as the number (ipaddress costs ~10x)
+    return socket.inet_aton(e.ip), e.port
