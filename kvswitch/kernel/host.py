@@ -68,7 +68,7 @@ def ensure_route(rtnl: Rtnl, cidr: str, ifname: str, mtu: int) -> bool:
             0,
         ):
             return False
-    rtnl.replace_route(net, None, index, RT_SCOPE_LINK, protocol=RTPROT_STATIC, mtu=mtu)
+    rtnl.add_route(net, None, index, RT_SCOPE_LINK, protocol=RTPROT_STATIC, mtu=mtu, replace=True)
     return True
 
 

@@ -376,24 +376,13 @@ class Rtnl:
         *,
         protocol: int = RTPROT_BOOT,
         mtu: int | None = None,
+        replace: bool = False,
     ) -> None:
-        """Add a route to the main table; EEXIST when one for ``dst`` is there already."""
+        """Add a route to the main table; EEXIST when one for ``dst`` is there already, unless
+        ``replace`` (``ip route replace``: the route for ``dst`` becomes this one)."""
         body = self._route(dst, gateway, oif, scope, protocol, mtu)
-        self.request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
-
-    def replace_route(
-        self,
-        dst: ipaddress.IPv4Network | ipaddress.IPv6Network,
-        gateway: IPAddr | None,
-        oif: int,
-        scope: int = RT_SCOPE_UNIVERSE,
-        *,
-        protocol: int = RTPROT_BOOT,
-        mtu: int | None = None,
-    ) -> None:
-        """Add the route to the main table, or replace the one for ``dst`` (``ip route replace``)."""
-        body = self._route(dst, gateway, oif, scope, protocol, mtu)
-        self.request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
+        how = NLM_F_REPLACE if replace else NLM_F_EXCL
+        self.request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | how, body)
 
     def delete_route(self, dst: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
         """Delete a route for ``dst`` from the main table; False when there was none (ESRCH)."""
