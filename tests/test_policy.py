@@ -98,6 +98,8 @@ class PolicyBed:
         """What the kubelet does for a pod: a sandbox, then CNI ADD; returns the pod's IP."""
         node = self.bed.nodes[obj["spec"]["nodeName"]]
         meta = obj["metadata"]
+        for agent in self.agents.values():  # the API has the pod before the kubelet runs ADD
+            agent.set_pod(f"{meta['namespace']}/{meta['name']}", PodInfo.parse(obj))
         pod = self.bed.add_pod(node, f"{meta['namespace']}-{meta['name']}")
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={meta['namespace']};K8S_POD_NAME={meta['name']}"
         att = Attachment(container_id=pod.netns.replace("-", ""), netns=netns_path(pod.netns), args=args)

@@ -48,7 +48,7 @@ from kvswitch.cni.spec import (
     version_reply,
 )
 from kvswitch.kernel.rtnl import Rtnl
-from kvswitch.ovs.ovsdb import AsyncOvsdb, OvsdbError
+from kvswitch.ovs.ovsdb import AsyncOvsdb, OvsdbError, PortInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,9 @@ T = TypeVar("T")
 OVSDB_TIMEOUT = 5.0
 
 Key = tuple[str, str, str]  # (network, container id, ifname): the spec's attachment key
+# Called by ADD once the port is plugged and numbered, before the result goes back: the agent
+# hosting the server installs the pod's flows there, so the pod works when ADD returns.
+AttachHook = Callable[[PortInfo], Awaitable[None]]
 
 
 def failpoint(env: CniEnv, stage: str) -> None:
@@ -117,8 +120,10 @@ class CniPlugin:
         host_netns: str | None = None,
         via_server: bool = False,
         defer_veth_delete: bool | None = None,
+        attached: AttachHook | None = None,
     ) -> None:
         self.via_server = via_server
+        self.attached = attached
         # The kernel needs ~25 ms (an RCU grace period) to delete a veth. A long-lived server
         # finishes that after answering DEL: the port and the IP are gone by then, and any later
         # call on the same attachment (or an ADD that finds the pod's ifname still taken) waits.
@@ -357,6 +362,17 @@ class CniPlugin:
             failpoint(env, "pod")
 
         await gather_all(add_port(), configure())
+        if self.attached is not None:
+            info = await self.ovs_call("ovsdb lookup", db.port_info(host_if))
+            if info is None:
+                raise CniError(Code.TRY_AGAIN_LATER, f"OVS port {host_if} vanished during ADD")
+            try:
+                await self.attached(info)
+            except CniError:
+                raise
+            except Exception as exc:
+                raise CniError(Code.OVS_FAILED, "cannot install the pod's flows", str(exc)) from None
+            failpoint(env, "flows")
         failpoint(env, "result")
 
         result = Result(

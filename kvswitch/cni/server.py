@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kvswitch.cni.client import MAX_MESSAGE, Reply, decode_request, encode_reply
 from kvswitch.cni.contract import DEFAULT_SERVER_SOCKET
-from kvswitch.cni.plugin import CniPlugin
+from kvswitch.cni.plugin import AttachHook, CniPlugin
 from kvswitch.cni.spec import CniError, Code
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,10 @@ class CniServer:
         max_concurrent: int = 64,
         stop_grace: float = 10.0,
         defer_veth_delete: bool = True,
+        attached: AttachHook | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
+        self.attached = attached
         self.host_netns = host_netns
         self.defer_veth_delete = defer_veth_delete
         self.stop_grace = stop_grace
@@ -65,7 +67,10 @@ class CniServer:
                 raise RuntimeError(f"another CNI server is serving {self.socket_path}")
             self.socket_path.unlink()
         self._plugin = CniPlugin(
-            host_netns=self.host_netns, via_server=True, defer_veth_delete=self.defer_veth_delete
+            host_netns=self.host_netns,
+            via_server=True,
+            defer_veth_delete=self.defer_veth_delete,
+            attached=self.attached,
         )
         self._sem = asyncio.Semaphore(self._max_concurrent)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))

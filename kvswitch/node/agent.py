@@ -16,12 +16,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 from kvswitch.cni import install as cni_install
+from kvswitch.cni.contract import ID_POD_NAME, ID_POD_NAMESPACE
 from kvswitch.cni.server import CniServer
 from kvswitch.config import AgentSettings, ServiceProxy, VSwitchConfigSpec
 from kvswitch.node.datapath import NodeDatapath
 from kvswitch.node.policy import PolicyInputs
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
+from kvswitch.ovs.ovsdb import PortInfo
 from kvswitch.ovs.pipeline import NODEPORT_VIP, POLICY_OWNER, Category, Owner
 from kvswitch.ovs.reject import RejectResponder
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
@@ -30,6 +32,7 @@ from kvswitch.services.health import HealthCheckServers
 from kvswitch.services.state import ServiceState
 
 log = logging.getLogger(__name__)
+POD_EVENT_WAIT = 2.0  # seconds ADD waits for the API's pod before installing flows without it
 
 
 class NodeAgent:
@@ -37,7 +40,10 @@ class NodeAgent:
         self.settings = settings
         self.datapath = NodeDatapath(settings)
         self.policy = PolicyInputs(settings.node_name, self.datapath.local_pods)
-        self.cni_server = CniServer(settings.cni_socket, host_netns=settings.host_netns)
+        self.cni_server = CniServer(
+            settings.cni_socket, host_netns=settings.host_netns, attached=self.pod_attached
+        )
+        self.datapath.flows_with_pods = lambda: {POLICY_OWNER: self.policy.flows()}
         self._tasks: list[asyncio.Task[None]] = []
         self._policy_dirty = asyncio.Event()
         self.policy_applied = 0  # increments each time policy flows were (re)computed and installed
@@ -123,6 +129,20 @@ class NodeAgent:
     async def sync_ports(self) -> None:
         await self.datapath.sync_ports()
 
+    async def pod_attached(self, port: PortInfo) -> None:
+        """The CNI server plugged ``port``: its pod's flows, NetworkPolicy included, are in OVS
+        before ADD returns (the runtime starts the containers right after)."""
+        key = f"{port.external_ids.get(ID_POD_NAMESPACE, '')}/{port.external_ids.get(ID_POD_NAME, '')}"
+        if key != "/" and not self.policy.knows(key):
+            # The runtime calls ADD right after the kubelet saw the pod; our watch sees it at about
+            # the same time. Without it the pod's NetworkPolicy is unknown: wait a moment for it.
+            deadline = asyncio.get_running_loop().time() + POD_EVENT_WAIT
+            while not self.policy.knows(key) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            if not self.policy.knows(key):
+                log.warning("pod %s is not in the API yet; its policy follows when it is", key)
+        await self.datapath.sync_ports(known=[port])
+
     async def pod_deleted(self, namespace: str, name: str) -> None:
         await self.datapath.pod_deleted(namespace, name)
 
@@ -151,9 +171,10 @@ class NodeAgent:
 
     async def apply_policy(self) -> int:
         """Recompute the policies of this node's namespaces; only flow differences reach OVS."""
-        self._policy_dirty.clear()
-        self.datapath.pods_changed.clear()
-        changed = await self.datapath.reconciler.set_flows(POLICY_OWNER, self.policy.flows())
+        async with self.datapath.pods_lock:  # computed from the pod set that is installed
+            self._policy_dirty.clear()
+            self.datapath.pods_changed.clear()
+            changed = await self.datapath.reconciler.set_flows(POLICY_OWNER, self.policy.flows())
         self.policy_applied += 1
         return changed
 

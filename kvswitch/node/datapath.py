@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,9 @@ class NodeDatapath:
         self._ovsdb: AsyncOvsdb | None = None
         self._lock = asyncio.Lock()
         self.pods_changed = asyncio.Event()
+        # Held while the pod set or flows derived from it are computed and installed.
+        self.pods_lock = asyncio.Lock()
+        self.flows_with_pods: Callable[[], Mapping[Owner, list[Flow]]] | None = None
 
     @property
     def db(self) -> AsyncOvsdb:
@@ -222,22 +226,38 @@ class NodeDatapath:
     def local_pods(self) -> list[LocalPod]:
         return list(self.state.pods.values())
 
-    async def sync_ports(self) -> None:
-        """Pod flows for exactly the CNI-made ports that exist (and whose pod was not deleted)."""
-        ports = await self.db.find_ports(self.settings.bridge)
-        attached = [p for p in map(pod_from_port, ports) if p is not None]
-        self.state.deleted_pods &= {(p.namespace, p.name) for p in attached}  # port gone too: forget
-        wanted = {p.port: p for p in attached if (p.namespace, p.name) not in self.state.deleted_pods}
-        changes: dict[Owner, list[Flow]] = {}
-        for port, pod in wanted.items():
-            if self.state.pods.get(port) != pod:
-                changes[Owner(Category.POD, port)] = pod_flows(pod)
-        for port in self.state.pods.keys() - wanted.keys():
-            changes[Owner(Category.POD, port)] = []
-        if changes:
-            await self.reconciler.set_many(changes)
-            self.state.pods = wanted
-            self.pods_changed.set()
+    async def sync_ports(self, known: Iterable[PortInfo] = ()) -> None:
+        """Pod flows for exactly the CNI-made ports that exist (and whose pod was not deleted).
+
+        ``known``: ports the caller has just seen (the CNI server, right after plugging one), in
+        case this connection's copy of ovsdb has not caught up yet. When ``flows_with_pods`` is set,
+        the flows it returns for the new set of pods (NetworkPolicy) go into the same bundle: a
+        pod's delivery flow never exists without its isolation."""
+        async with self.pods_lock:
+            found = {p.name: p for p in await self.db.find_ports(self.settings.bridge)}
+            for info in known:
+                if info.bridge == self.settings.bridge and info.ofport is not None:
+                    found[info.name] = info
+            attached = [p for p in map(pod_from_port, found.values()) if p is not None]
+            self.state.deleted_pods &= {(p.namespace, p.name) for p in attached}  # port gone: forget
+            wanted = {p.port: p for p in attached if (p.namespace, p.name) not in self.state.deleted_pods}
+            changes: dict[Owner, list[Flow]] = {}
+            for port, pod in wanted.items():
+                if self.state.pods.get(port) != pod:
+                    changes[Owner(Category.POD, port)] = pod_flows(pod)
+            for port in self.state.pods.keys() - wanted.keys():
+                changes[Owner(Category.POD, port)] = []
+            if not changes:
+                return
+            previous, self.state.pods = self.state.pods, wanted
+            try:
+                extra = self.flows_with_pods() if self.flows_with_pods is not None else {}
+                await self.reconciler.set_many({**changes, **extra})
+            except BaseException:
+                self.state.pods = previous
+                raise
+            if self.flows_with_pods is None:
+                self.pods_changed.set()
             log.info("pods on this node: %d (%d changed)", len(wanted), len(changes))
 
     async def pod_deleted(self, namespace: str, name: str) -> None:

@@ -36,6 +36,10 @@ class PolicyInputs:
             self._local_keys.discard(key)
         self.state.set_pod(key, self._effective(key))
 
+    def knows(self, key: str) -> bool:
+        """The API has told us about pod ``key`` (namespace/name)."""
+        return key in self._api_pods
+
     def set_namespace(self, name: str, ns: NamespaceInfo | None) -> None:
         self.state.set_namespace(name, ns)
 
