@@ -225,6 +225,10 @@ def resubmit(table: Table) -> str:
     return f"resubmit(,{int(table)})"
 
 
+# --- protocols -------------------------------------------------------------------------------
+L4_PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}  # Kubernetes protocol → OVS match keyword
+
+
 # --- conntrack -------------------------------------------------------------------------------
 CT_ZONE = 1  # conntrack zone of pod traffic: policy state and Service DNAT
 SNAT_ZONE = 2  # hairpin SNAT only: a pod reaching itself through a Service

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.pipeline import (
+    L4_PROTO,
     PRIO_POLICY_ALLOW,
     PRIO_POLICY_CONJ,
     PRIO_POLICY_ISOLATED,
@@ -24,7 +25,7 @@ from kvswitch.ovs.pipeline import (
 from kvswitch.policy.compute import PolicyResult, PortRange
 from kvswitch.policy.model import PodInfo
 
-PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+PROTO = L4_PROTO
 
 
 class ConjIds:

@@ -20,6 +20,7 @@ from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
 from kvswitch.ovs.pipeline import (
     AFFINITY_HIT,
+    L4_PROTO,
     NODEPORT_VIP,
     PRIO_SERVICE,
     PRIO_SERVICE_AFFINITY,
@@ -35,7 +36,7 @@ from kvswitch.ovs.pipeline import (
 )
 from kvswitch.services.model import Endpoint, ServiceInfo, ServicePort, select_endpoints
 
-PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+PROTO = L4_PROTO
 BUCKET_WEIGHT = 100
 
 
