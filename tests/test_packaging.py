@@ -415,6 +415,10 @@ class TestImage:
             assert path in files and path not in context
 
 
+# kvswitchctl's own operator commands (the product's entry points); the kit adds sandbox, clean-runs.
+PRODUCT_COMMANDS = {"trace", "flows", "policy"}
+
+
 def commands(helptext: str) -> set[str]:
     """The sub-commands ``kvswitchctl --help`` lists (its positional arguments section)."""
     section = helptext.split("positional arguments:")[1].split("options:")[0]
@@ -435,7 +439,10 @@ class TestInstalledWheels:
 
     def test_kvswitchctl_offers_the_kits_commands(self, built: Built) -> None:
         kvswitchctl = built.full.root / "bin" / "kvswitchctl"
-        assert commands(built.full.run(kvswitchctl, "--help").stdout) == {"sandbox", "clean-runs"}
+        assert (
+            commands(built.full.run(kvswitchctl, "--help").stdout)
+            == {"sandbox", "clean-runs"} | PRODUCT_COMMANDS
+        )
         assert "--nodes" in built.full.run(kvswitchctl, "sandbox", "--help").stdout
 
     def test_product_alone_imports_and_runs_without_the_kit(self, built: Built) -> None:
@@ -451,6 +458,6 @@ class TestInstalledWheels:
         assert {"kvswitch.ctl", "kvswitch.cni.server", "kvswitch.handlers.agent"} <= set(names)
         assert absent == sorted(KIT_MODULES)  # not installed: every import above did without them
         kvswitchctl = built.alone.root / "bin" / "kvswitchctl"
-        assert commands(built.alone.run(kvswitchctl, "--help").stdout) == set()
+        assert commands(built.alone.run(kvswitchctl, "--help").stdout) == PRODUCT_COMMANDS
         refused = built.alone.run(kvswitchctl, "sandbox", check=False)
         assert refused.returncode == 2 and "invalid choice: 'sandbox'" in refused.stderr
