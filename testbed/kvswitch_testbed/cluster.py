@@ -31,6 +31,7 @@ from kvswitch_testbed.bed import UNDERLAY, UNDERLAY_BRIDGE, Node, Pod, TestBed
 from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
 from kvswitch_testbed.endpointslices import EndpointSliceController
 from kvswitch_testbed.kubeclient import VSC, KubeClient, pods_path
+from kvswitch_testbed.kubeproxy import KubeProxy
 from kvswitch_testbed.netns import netns_socket, run
 
 API_IP = str(UNDERLAY.network_address + 1)
@@ -40,6 +41,7 @@ EXTERNAL_IP = str(UNDERLAY.network_address + EXTERNAL_INDEX)
 CRD_DIR = Path(__file__).resolve().parent / "crds"  # the chart's CRDs, shipped as package data
 CRD_FILE = CRD_DIR / "kvswitch.io_vswitchconfigs.yaml"
 SYSTEM_CNI_DIR = "/usr/lib/cni"
+SERVICE_PROXIES = ("openflow", "kube-proxy")  # the VSwitchConfig's serviceProxy values
 KUBELET_FINALIZER = "testbed.kvswitch.io/kubelet"  # holds a pod Terminating until delete_pod()
 # asyncio's debug-mode warning for a callback that held the event loop too long
 SLOW_CALLBACK = re.compile(r"Executing .* took \d+(?:\.\d+)? seconds")
@@ -98,6 +100,9 @@ class Cluster:
     overlay: str = "vxlan"
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
+    # who balances Services: k-vswitch's OpenFlow proxy, or kube-proxy's nftables on every node
+    # (the controller writes it into every VSwitchConfig; KubeProxy plays kube-proxy here)
+    service_proxy: str = "openflow"
     say: Callable[[str], None] = lambda msg: None
     bed: TestBed = field(default_factory=TestBed)
     processes: dict[str, Process] = field(default_factory=dict)
@@ -105,6 +110,7 @@ class Cluster:
     api: ApiServerThread | None = None
     endpointslices: EndpointSliceController | None = None
     kube: KubeClient | None = None
+    kube_proxy: KubeProxy | None = None
     external_ns: str = ""
     # agents log every event-loop callback that takes this long (asyncio debug mode on their loop)
     asyncio_slow_ms: int | None = None
@@ -122,6 +128,8 @@ class Cluster:
     # --- start ----------------------------------------------------------------------------
 
     def start(self) -> Cluster:
+        if self.service_proxy not in SERVICE_PROXIES:
+            raise ValueError(f"service_proxy must be one of {SERVICE_PROXIES}, not {self.service_proxy!r}")
         t0 = time.monotonic()
         self.say(f"run {self.bed.run_id}: {self.nodes} nodes, each its own ovsdb-server + ovs-vswitchd")
         for node in self.bed.add_nodes(self.nodes):
@@ -143,6 +151,7 @@ class Cluster:
                 "KVSWITCH_CLUSTER_CIDR": self.cluster_cidr,
                 "KVSWITCH_SERVICE_CIDR": self.service_cidr,
                 "KVSWITCH_OVERLAY_TYPE": self.overlay,
+                "KVSWITCH_SERVICE_PROXY": self.service_proxy,
             },
         )
         for node in self.bed.nodes.values():
@@ -150,8 +159,24 @@ class Cluster:
             self.start_agent(node)
         for node in self.bed.nodes.values():
             self.wait_ready(node.name)
+        if self.service_proxy == "kube-proxy":
+            self._start_kube_proxy()
         self.say(f"all {self.nodes} VSwitchConfigs Ready in {time.monotonic() - t0:.1f}s")
         return self
+
+    def _start_kube_proxy(self) -> None:
+        """kube-proxy on every node: its nftables table in the node's namespace (gone with it)."""
+        client = self.client
+
+        def objects() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            return client.list("/api/v1/services"), client.list("/apis/discovery.k8s.io/v1/endpointslices")
+
+        self.kube_proxy = KubeProxy(
+            objects, lambda: {n.name: n.netns for n in self.bed.nodes.values()}, self.cluster_cidr
+        )
+        self.kube_proxy.sync()  # the first sync in the caller: a broken ruleset fails start()
+        self.kube_proxy.start()
+        self.say("kube-proxy (nftables) on every node")
 
     def _add_external_host(self) -> None:
         self.external_ns, ip = self.bed.add_external_host("ext", EXTERNAL_INDEX)
@@ -265,6 +290,8 @@ class Cluster:
         for p in self.processes.values():
             text = p.log.read_text(errors="replace").splitlines()[-lines:] if p.log.exists() else []
             out.append(f"--- {p.name} (exit {p.popen.poll()}) ---\n" + "\n".join(text))
+        if self.kube_proxy is not None:
+            out.append(f"--- kube-proxy: {self.kube_proxy.syncs} syncs, last error: {self.kube_proxy.error}")
         return "\n".join(out)
 
     def slow_callbacks(self) -> list[str]:
@@ -484,6 +511,8 @@ class Cluster:
         for cp in list(self.pods.values()):
             with contextlib.suppress(Exception):
                 self.conflist(cp.node).delete(self._attachment(cp), cp.result)
+        if self.kube_proxy is not None:
+            self.kube_proxy.stop()  # its tables go with the node namespaces
         for proc in self.processes.values():
             proc.stop()
         if self.api is not None:

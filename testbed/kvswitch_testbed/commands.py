@@ -12,6 +12,12 @@ def register_sandbox(sub: Any) -> None:
     sb.add_argument("--nodes", type=int, default=3)
     sb.add_argument("--pods-per-node", type=int, default=2)
     sb.add_argument("--overlay", choices=["vxlan", "gre", "geneve"], default="vxlan")
+    sb.add_argument(
+        "--service-proxy",
+        choices=["openflow", "kube-proxy"],
+        default="openflow",
+        help="who balances Services: k-vswitch in OpenFlow, or kube-proxy's nftables rules on each node",
+    )
     sb.add_argument("--hold", action="store_true", help="keep it up until Ctrl-C")
     sb.set_defaults(func=_sandbox)
 
@@ -25,7 +31,7 @@ def register_clean_runs(sub: Any) -> None:
 def _sandbox(args: argparse.Namespace) -> int:
     from kvswitch_testbed.sandbox import run_sandbox
 
-    return run_sandbox(args.nodes, args.pods_per_node, args.overlay, args.hold)
+    return run_sandbox(args.nodes, args.pods_per_node, args.overlay, args.hold, args.service_proxy)
 
 
 def _clean_runs(args: argparse.Namespace) -> int:

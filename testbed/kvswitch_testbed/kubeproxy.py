@@ -174,8 +174,9 @@ def render(services: list[dict[str, Any]], slices: list[dict[str, Any]], cluster
         "    masquerade fully-random\n  }\n"
         "  chain services {\n"
         "    ip daddr . meta l4proto . th dport vmap @service-ips\n"
-        "    fib daddr type local ip daddr != 127.0.0.0/8\n"
-        "      meta l4proto . th dport vmap @service-nodeports\n"
+        # one rule: only addresses of this node answer on NodePorts
+        "    fib daddr type local ip daddr != 127.0.0.0/8"
+        " meta l4proto . th dport vmap @service-nodeports\n"
         "  }\n"
         "  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
         "    jump services\n  }\n"
