@@ -132,6 +132,8 @@ class ControllerSettings(BaseModel):
     overlay_type: OverlayType = OverlayType.VXLAN
     service_proxy: ServiceProxy = ServiceProxy.OPENFLOW
     mtu: int | None = Field(default=None, ge=576, le=9216)
+    metrics_port: int = Field(default=9466, ge=0, le=65535)  # Prometheus /metrics; 0 = off
+    metrics_address: str = ""  # "" = every address
 
     @classmethod
     def from_env(cls) -> ControllerSettings:
@@ -142,6 +144,8 @@ class ControllerSettings(BaseModel):
             ("overlay_type", "KVSWITCH_OVERLAY_TYPE"),
             ("service_proxy", "KVSWITCH_SERVICE_PROXY"),
             ("mtu", "KVSWITCH_MTU"),
+            ("metrics_port", "KVSWITCH_METRICS_PORT"),
+            ("metrics_address", "KVSWITCH_METRICS_ADDRESS"),
         ]:
             if (v := _env(var)) is not None:
                 values[field] = v
@@ -166,6 +170,8 @@ class AgentSettings(BaseModel):
     ipam_data_dir: str | None = None  # host-local's dataDir; None = host-local's default
     install_cni: bool = True
     resync_interval: float = 60.0
+    metrics_port: int = Field(default=9465, ge=0, le=65535)  # Prometheus /metrics; 0 = off
+    metrics_address: str = ""  # "" = every address
 
     @classmethod
     def from_env(cls) -> AgentSettings:

@@ -9,12 +9,22 @@ import os
 import kopf
 
 
-def _run(module: str, standalone: bool, peering_name: str | None = None) -> None:
+def _run(
+    modules: tuple[str, ...],
+    standalone: bool,
+    metrics_port: int,
+    metrics_address: str,
+    peering_name: str | None = None,
+) -> None:
     logging.basicConfig(
         level=os.environ.get("KVSWITCH_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    importlib.import_module(module)  # registers the handlers
+    from kvswitch import metrics
+
+    metrics.serve(metrics_port, metrics_address)  # Prometheus /metrics (docs/observability.md)
+    for module in modules:
+        importlib.import_module(module)  # registers the handlers
     liveness = os.environ.get("KVSWITCH_LIVENESS_ENDPOINT") or None
     kopf.run(
         standalone=standalone,
@@ -26,13 +36,21 @@ def _run(module: str, standalone: bool, peering_name: str | None = None) -> None
 
 def agent() -> None:
     """Node agents never peer: each one is the only one for its node."""
-    _run("kvswitch.handlers.agent", standalone=True)
+    from kvswitch.config import AgentSettings
+
+    settings = AgentSettings.from_env()
+    _run(("kvswitch.handlers.agent",), True, settings.metrics_port, settings.metrics_address)
 
 
 def controller() -> None:
     """Peering (unless KVSWITCH_STANDALONE=1) keeps a second replica paused: leader-safe."""
+    from kvswitch.config import ControllerSettings
+
+    settings = ControllerSettings.from_env()
     _run(
-        "kvswitch.handlers.controller",
+        ("kvswitch.handlers.controller", "kvswitch.handlers.controller_metrics"),
         standalone=os.environ.get("KVSWITCH_STANDALONE") == "1",
+        metrics_port=settings.metrics_port,
+        metrics_address=settings.metrics_address,
         peering_name=os.environ.get("KVSWITCH_PEERING_NAME"),  # the chart's ClusterKopfPeering
     )

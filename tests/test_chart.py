@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kvswitch import metrics
 from kvswitch.config import AgentSettings, ControllerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,6 +213,9 @@ NON_DEFAULT = (
     "controller.probePort=19451",
     "controller.priorityClassName=",
     "cleanup.timeoutSeconds=60",
+    "metrics.agentPort=19465",
+    "metrics.controllerPort=19466",
+    "metrics.podAnnotations=false",
 )
 RENDERINGS = {
     "defaults": ((), "kube-system", None),
@@ -296,6 +300,11 @@ class TestValuesAreCheckedAtInstall:
             ("agent.maxUnavailable=0", "'/agent/maxUnavailable'"),
             ("image.pullPolicy=Sometimes", "'/image/pullPolicy': value must be one of"),
             ("hostPaths.cniBinDir=opt/cni/bin", "'/hostPaths/cniBinDir': 'opt/cni/bin' does not match"),
+            ("metrics.agentPort=80", "'/metrics/agentPort': minimum: got 80, want 1,024"),
+            (
+                "metrics.serviceMonitor.interval=30sec",
+                "'/metrics/serviceMonitor/interval': '30sec' does not match",
+            ),
         ],
     )
     def test_schema_rejects(self, value: str, expected: str) -> None:
@@ -325,6 +334,14 @@ class TestValuesAreCheckedAtInstall:
             (
                 ("agent.probePort=9451",),
                 "agent.probePort and controller.probePort are both 9451",
+            ),
+            (
+                ("metrics.agentPort=9450",),
+                "agent.probePort and metrics.agentPort are both 9450",
+            ),
+            (
+                ("metrics.controllerPort=9465",),
+                "metrics.agentPort and metrics.controllerPort are both 9465",
             ),
         ],
     )
@@ -372,7 +389,7 @@ class TestWorkloads:
     def test_probes_hit_kopfs_liveness_endpoint(self, workload: str, name: str, port: int) -> None:
         c = container(one(render(), workload, WORKLOADS[workload]), name)
         assert plain_env(c)["KVSWITCH_LIVENESS_ENDPOINT"] == f"http://0.0.0.0:{port}/healthz"
-        assert c["ports"] == [{"name": "probes", "containerPort": port, "protocol": "TCP"}]
+        assert c["ports"][0] == {"name": "probes", "containerPort": port, "protocol": "TCP"}
         for probe in ("livenessProbe", "readinessProbe"):
             assert c[probe]["httpGet"] == {"path": "/healthz", "port": "probes"}
 
@@ -494,6 +511,7 @@ class TestChartMatchesTheCode:
         calls: list[dict[str, Any]] = []
         monkeypatch.setattr(kopf, "run", lambda **kw: calls.append(kw))
         monkeypatch.setattr(daemons, "importlib", type("NoImport", (), {"import_module": staticmethod(str)}))
+        monkeypatch.setattr(metrics, "serve", lambda port, address: True)  # no server in the test process
         for workload, name, entry in (
             ("DaemonSet", "k-vswitchd", daemons.agent),
             ("Deployment", "controller", daemons.controller),
@@ -501,6 +519,7 @@ class TestChartMatchesTheCode:
             c = container(one(render(), workload, WORKLOADS[workload]), name)
             for k, v in plain_env(c).items():
                 monkeypatch.setenv(k, v)
+            monkeypatch.setenv("NODE_NAME", "node-a")  # the agent's, from the downward API
             entry()
             assert calls[-1]["liveness_endpoint"] == plain_env(c)["KVSWITCH_LIVENESS_ENDPOINT"]
             assert calls[-1]["clusterwide"] is True
@@ -515,11 +534,92 @@ class TestChartMatchesTheCode:
         calls: list[dict[str, Any]] = []
         monkeypatch.setattr(kopf, "run", lambda **kw: calls.append(kw))
         monkeypatch.setattr(daemons, "importlib", type("NoImport", (), {"import_module": staticmethod(str)}))
+        monkeypatch.setattr(metrics, "serve", lambda port, address: True)
         objs = render()
         for k, v in plain_env(container(one(objs, "Deployment"), "controller")).items():
             monkeypatch.setenv(k, v)
         daemons.controller()
         assert calls[-1].get("peering_name") == one(objs, "ClusterKopfPeering")["metadata"]["name"]
+
+
+class TestMetrics:
+    """Prometheus metrics: each daemon serves the port the chart gives it, and Prometheus finds it."""
+
+    @pytest.mark.parametrize("sets", [(), ("metrics.agentPort=19465", "metrics.controllerPort=19466")])
+    def test_each_daemon_serves_the_charts_port(
+        self, monkeypatch: pytest.MonkeyPatch, sets: tuple[str, ...]
+    ) -> None:
+        import kopf
+
+        import kvswitch.daemons as daemons
+
+        served: list[int] = []
+        monkeypatch.setattr(kopf, "run", lambda **kw: None)
+        monkeypatch.setattr(daemons, "importlib", type("NoImport", (), {"import_module": staticmethod(str)}))
+
+        def serve(port: int, address: str) -> bool:
+            served.append(port)
+            return True
+
+        monkeypatch.setattr(metrics, "serve", serve)
+        objs = render(*sets)
+        values = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]
+        values.update({k.split(".")[1]: int(v) for k, v in (s.split("=") for s in sets)})
+        for workload, name, entry, key in (
+            ("DaemonSet", "k-vswitchd", daemons.agent, "agentPort"),
+            ("Deployment", "controller", daemons.controller, "controllerPort"),
+        ):
+            workload_obj = one(objs, workload, WORKLOADS[workload])
+            c = container(workload_obj, name)
+            for k, v in plain_env(c).items():
+                monkeypatch.setenv(k, v)
+            monkeypatch.setenv("NODE_NAME", "node-a")
+            entry()
+            assert served[-1] == values[key]
+            assert {"name": "metrics", "containerPort": values[key], "protocol": "TCP"} in c["ports"]
+            annotations = workload_obj["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true"
+            assert annotations["prometheus.io/port"] == str(values[key])
+            assert annotations["prometheus.io/path"] == "/metrics"
+
+    def test_disabled_means_no_port_no_annotation_and_port_zero(self) -> None:
+        objs = render("metrics.enabled=false")
+        for workload, name in (("DaemonSet", "k-vswitchd"), ("Deployment", "controller")):
+            w = one(objs, workload, WORKLOADS[workload])
+            c = container(w, name)
+            assert plain_env(c)["KVSWITCH_METRICS_PORT"] == "0"
+            assert [p["name"] for p in c["ports"]] == ["probes"]
+            assert not any(
+                k.startswith("prometheus.io/") for k in w["spec"]["template"]["metadata"]["annotations"]
+            )
+        assert AgentSettings(node_name="n", metrics_port=0).metrics_port == 0
+
+    def test_annotations_can_be_left_out(self) -> None:
+        w = one(render("metrics.podAnnotations=false"), "DaemonSet", WORKLOADS["DaemonSet"])
+        assert "prometheus.io/scrape" not in w["spec"]["template"]["metadata"]["annotations"]
+        assert plain_env(container(w, "k-vswitchd"))["KVSWITCH_METRICS_PORT"] == "9465"
+
+    def test_service_monitor_selects_the_pods_metrics_port(self) -> None:
+        objs = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom")
+        assert not find(render(), "ServiceMonitor")
+        monitors = find(objs, "ServiceMonitor")
+        assert len(monitors) == 2
+        for workload, name in (("DaemonSet", "k-vswitchd"), ("Deployment", "controller")):
+            w = one(objs, workload, WORKLOADS[workload])
+            svc = one(objs, "Service", f"{WORKLOADS[workload]}-metrics")
+            assert kube_errors([svc], KUBE_VERSIONS[-1]) == []
+            pod_labels = w["spec"]["template"]["metadata"]["labels"]
+            assert svc["spec"]["selector"].items() <= pod_labels.items()
+            assert svc["spec"]["clusterIP"] == "None"
+            (port,) = svc["spec"]["ports"]
+            assert port["targetPort"] == "metrics"
+            assert "metrics" in [p["name"] for p in container(w, name)["ports"]]
+            mon = one(objs, "ServiceMonitor", svc["metadata"]["name"])
+            assert mon["apiVersion"] == "monitoring.coreos.com/v1"
+            assert mon["metadata"]["labels"]["release"] == "prom"
+            assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+            assert mon["spec"]["namespaceSelector"] == {"matchNames": ["kube-system"]}
+            assert mon["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
 
 
 def test_rendering_is_json_serialisable() -> None:

@@ -7,7 +7,7 @@ The text is what OVS prints (``ofproto/trace BRIDGE FLOW``)::
     bridge("k-vswitch0")
     --------------------
      0. in_port=2, priority 200, cookie 0x10537f59c5596
-        set_field:0x3->reg0
+        set_field:...  (its actions, one a line)
         ...
     32. ct_state=+new+trk,ip, priority 10, cookie 0x1037...
         resubmit(,33)

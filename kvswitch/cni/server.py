@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from kvswitch import metrics
 from kvswitch.cni.client import MAX_MESSAGE, Reply, decode_request, encode_reply
 from kvswitch.cni.contract import DEFAULT_SERVER_SOCKET
 from kvswitch.cni.plugin import AttachHook, CniPlugin
@@ -147,9 +148,13 @@ class CniServer:
         except (ValueError, UnicodeDecodeError) as exc:
             return _error_reply(CniError(Code.IO_FAILURE, "malformed request from k-vswitch-cni", str(exc)))
         assert self._plugin is not None and self._sem is not None
+        command = metrics.cni_command(env.get("CNI_COMMAND"))
         async with self._sem:
             started = time.perf_counter()
             reply = await self._plugin.handle(env, stdin)
+        metrics.CNI_DURATION.labels(command=command).observe(time.perf_counter() - started)
+        if reply.code != 0:
+            metrics.CNI_ERRORS.labels(command=command, code=metrics.cni_error_code(reply.stdout)).inc()
         log.debug(
             "%s %s/%s: exit %d in %.1f ms",
             env.get("CNI_COMMAND"),

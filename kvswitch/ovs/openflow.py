@@ -14,14 +14,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
+from kvswitch import metrics
 from kvswitch.ovs.flows import Canonicalizer, Flow, FlowKey, LiveFlow, parse_dump, parse_dump_index
 from kvswitch.ovs.groups import Group, parse_group_dump
 from kvswitch.ovs.ovsdb import AsyncOvsdb
@@ -83,11 +86,16 @@ class Ofctl:
         """Apply ``add``/``modify_strict``/``delete_strict`` lines atomically."""
         if not lines:
             return
+        started = time.perf_counter()
         try:
             await self._run("--bundle", "add-flows", self.target, "-", input="\n".join(lines) + "\n")
         except OfctlError as exc:
+            metrics.BUNDLE_ERRORS.inc()
             raise OfctlError(f"bundle of {len(lines)} flow changes rejected, table unchanged: {exc}",
                              _culprit(str(exc), lines)) from None  # fmt: skip
+        finally:
+            metrics.BUNDLE_DURATION.observe(time.perf_counter() - started)
+            metrics.BUNDLE_SIZE.observe(len(lines))
 
     async def bundle_with_groups(
         self, group_adds: list[str], flow_lines: list[str], group_dels: list[str]
@@ -97,11 +105,16 @@ class Ofctl:
             await self.bundle(flow_lines)
             return
         lines = [*group_adds, *("flow " + line for line in flow_lines), *group_dels]
+        started = time.perf_counter()
         try:
             await self._run("bundle", self.target, "-", input="\n".join(lines) + "\n")
         except OfctlError as exc:
+            metrics.BUNDLE_ERRORS.inc()
             raise OfctlError(f"bundle of {len(lines)} group/flow changes rejected, table unchanged: {exc}",
                              _culprit(str(exc), lines)) from None  # fmt: skip
+        finally:
+            metrics.BUNDLE_DURATION.observe(time.perf_counter() - started)
+            metrics.BUNDLE_SIZE.observe(len(lines))
 
     async def dump_groups(self) -> dict[int, str]:
         return parse_group_dump(await self._run("dump-groups", self.target))
@@ -155,6 +168,8 @@ class FlowReconciler:
         self._canon = Canonicalizer()
         self._lock = asyncio.Lock()
         self.replays = 0
+        self._flow_counts: dict[tuple[int, Category], int] = {}  # desired flows by (table, category)
+        self._owner_tables: dict[Owner, collections.Counter[int]] = {}  # each owner's flows by table
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -264,6 +279,7 @@ class FlowReconciler:
                 else:
                     self._groups.pop(owner, None)
             for owner, new in staged.items():
+                self._count(owner, self._desired.get(owner, {}), new)
                 for key in self._desired.get(owner, {}):
                     if self._key_owner.get(key) == owner:
                         del self._key_owner[key]
@@ -274,6 +290,20 @@ class FlowReconciler:
                 else:
                     self._desired.pop(owner, None)
             return len(lines) + len(group_adds) + len(group_dels)
+
+    def _count(self, owner: Owner, old: Mapping[FlowKey, Flow], new: Mapping[FlowKey, Flow]) -> None:
+        """Keep the flows-per-table gauges (and the pod count) in step with one owner's change."""
+        if bool(old) != bool(new) and owner.category == Category.POD:
+            metrics.PODS.inc(1 if new else -1)
+        before = self._owner_tables.pop(owner, collections.Counter())
+        after = collections.Counter(table for table, _, _ in new)
+        if after:
+            self._owner_tables[owner] = after
+        for table in before.keys() | after.keys():
+            key = (table, owner.category)
+            self._flow_counts[key] = self._flow_counts.get(key, 0) + after[table] - before[table]
+            name = Table(table).name if table in Table._value2member_map_ else str(table)
+            metrics.FLOWS.labels(table=name, owner=owner.category.name.lower()).set(self._flow_counts[key])
 
     # --- full resync ----------------------------------------------------------------------
 
@@ -288,6 +318,7 @@ class FlowReconciler:
             lines, report = await asyncio.to_thread(self._repairs, live)
             group_adds, group_dels = self._group_repairs(live_groups, report)
             await self.ofctl.bundle_with_groups(group_adds, lines, group_dels)
+            metrics.RESYNCS.labels(result="repaired" if report.changed else "clean").inc()
             return report
 
     def _group_repairs(self, live: Mapping[int, str], report: ResyncReport) -> tuple[list[str], list[str]]:
@@ -361,6 +392,7 @@ class FlowReconciler:
                     log.warning("bridge %s lost its flows; replaying", self.ofctl.target)
                     await self.resync()
                     self.replays += 1
+                    metrics.REPLAYS.inc()
                     next_resync = loop.time() + resync_interval
                 elif loop.time() >= next_resync:
                     report = await self.resync()

@@ -297,11 +297,33 @@ class SetOtherConfig(Command):
         return "set other_config"
 
 
+_reconnects = 0  # sessions of this process that came back after being lost (kvswitch.metrics)
+
+
+def reconnects() -> int:
+    """How many times an ovsdb connection of this process was lost and established again."""
+    return _reconnects
+
+
 class _Idl(ovs.db.idl.Idl):  # type: ignore[misc]
     """The IDL, plus whether its session is up right now (the base class keeps that private)."""
 
+    _was_up = False
+    _ever_up = False
+
     def is_connected(self) -> bool:
         return bool(self._session.is_connected())
+
+    def run(self) -> Any:
+        global _reconnects
+        result = super().run()
+        up = self.is_connected()
+        if up and not self._was_up:
+            if self._ever_up:
+                _reconnects += 1
+            self._ever_up = True
+        self._was_up = up
+        return result
 
 
 class Ovsdb:

@@ -80,8 +80,18 @@ readinessProbe:
 
 {{/* Checks across values that a JSON schema cannot express; they fail `helm install` early. */}}
 {{- define "k-vswitch.validate" -}}
-{{- if eq (int .Values.agent.probePort) (int .Values.controller.probePort) -}}
-{{- fail (printf "agent.probePort and controller.probePort are both %v: both pods use the node's network, so they need different ports" .Values.agent.probePort) -}}
+{{- $ports := dict "agent.probePort" .Values.agent.probePort "controller.probePort" .Values.controller.probePort -}}
+{{- if .Values.metrics.enabled -}}
+{{- $_ := set $ports "metrics.agentPort" .Values.metrics.agentPort -}}
+{{- $_ := set $ports "metrics.controllerPort" .Values.metrics.controllerPort -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $name := keys $ports | sortAlpha -}}
+{{- $port := toString (int (index $ports $name)) -}}
+{{- if hasKey $seen $port -}}
+{{- fail (printf "%s and %s are both %s: the agents and the controller use the node's network, so they need different ports" (index $seen $port) $name $port) -}}
+{{- end -}}
+{{- $_ := set $seen $port $name -}}
 {{- end -}}
 {{- $ranges := dict -}}
 {{- range $key := list "clusterCIDR" "serviceCIDR" -}}
@@ -98,5 +108,19 @@ readinessProbe:
 {{- $s := $ranges.serviceCIDR -}}
 {{- if and (lt (index $c 0) (index $s 1)) (lt (index $s 0) (index $c 1)) -}}
 {{- fail (printf "clusterCIDR %s and serviceCIDR %s overlap: pod and service addresses must be disjoint" .Values.clusterCIDR .Values.serviceCIDR) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* KVSWITCH_METRICS_PORT of a daemon: its port, or 0 (off) when metrics are disabled. */}}
+{{- define "k-vswitch.metricsPort" -}}
+{{- if .root.Values.metrics.enabled -}}{{ int .port }}{{- else -}}0{{- end -}}
+{{- end -}}
+
+{{/* Prometheus' annotation-based discovery, on a daemon's pod template. */}}
+{{- define "k-vswitch.metricsAnnotations" -}}
+{{- if and .root.Values.metrics.enabled .root.Values.metrics.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ int .port | quote }}
+prometheus.io/path: /metrics
 {{- end -}}
 {{- end -}}
