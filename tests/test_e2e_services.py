@@ -58,15 +58,6 @@ PROTOS = ("tcp", "udp")
 SLOW_CALLBACK_MS = 100
 CONVERGE = 30.0  # seconds for agents and kube-proxy to follow an API change
 QUICK_REFUSAL = 1.0  # seconds: refused by the first SYN/datagram, not after retries (probes give up at 2 s)
-NODEPORT_PENDING = "openflow NodePort from outside: pending"
-REDIRECTS = (
-    "kube-proxy mode: pod -> Service traffic leaves the node's host by kvs-gw0, where it came in, and "
-    "net.ipv4.conf.{all,kvs-gw0}.send_redirects is on (the agent's host setup leaves it)"
-)
-ICMP_STARVED = (
-    "kube-proxy mode: the node forwards a pod's Service traffic back out kvs-gw0 and sends it ICMP redirects "
-    "(send_redirects on), which use up the pod's ICMP rate limit: kube-proxy's reject never reaches it"
-)
 POLICIES = f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies"
 
 T = TypeVar("T")
@@ -246,8 +237,6 @@ class TestNodeHost:
         """A redirect is useless here (OVS routes by IP) and harmful: the kernel's per-host ICMP rate
         limit counts it, so the ICMP errors that matter (kube-proxy's reject, fragmentation needed)
         stop reaching the pod. Counted in the nodes' /proc/net/snmp around pod -> Service traffic."""
-        if env.mode == "kube-proxy":
-            request.applymarker(pytest.mark.xfail(reason=REDIRECTS, strict=True))
         nodes = env.cluster.bed.nodes.values()
         targets = env.per_pod_targets()
         before = {node.name: icmp_counter(node.netns, "OutRedirects") for node in nodes}
@@ -261,8 +250,6 @@ class TestNodePort:
     def test_the_external_host_reaches_a_node_port_on_every_node(
         self, env: Env, request: pytest.FixtureRequest
     ) -> None:
-        if env.mode == "openflow":
-            request.applymarker(pytest.mark.xfail(reason=NODEPORT_PENDING, strict=False))
         svc = env.cluster.add_service("np", {"tier": "web"}, PORTS, type="NodePort", namespace=NS)
         try:
             node_port = {p["protocol"].lower(): p["nodePort"] for p in svc["spec"]["ports"]}
@@ -368,8 +355,6 @@ class TestEndpoints:
         """Never a timeout: openflow answers from the agent's responder (TCP RST, ICMP port
         unreachable); kube-proxy's ``reject`` rule sends ICMP port unreachable to a pod (forward
         hook) and fails a node's own UDP send at once with EPERM (output hook)."""
-        if env.mode == "kube-proxy" and kind == "pod":
-            request.applymarker(pytest.mark.xfail(reason=ICMP_STARVED, strict=False))
         name = f"empty-{kind}"
         svc = env.cluster.add_service(name, {"pod": "nobody"}, PORTS, namespace=NS)
         try:

@@ -97,6 +97,19 @@ def interface_mtu_for(rtnl: Rtnl, ip: str) -> int | None:
     return None
 
 
+def ensure_no_redirects(netns: int | str | None, ifname: str) -> bool:
+    """No ICMP redirects out of ``ifname``: OVS routes by IP, and a redirect (the kernel sends one
+    whenever it forwards a packet back out the interface it came in, as with kube-proxy's DNAT) uses
+    up the destination's ICMP rate limit, starving the errors that matter (a reject, fragmentation
+    needed). The kernel sends them if either ``all`` or the interface's setting is on."""
+    changed = False
+    for key in ("net.ipv4.conf.all.send_redirects", f"net.ipv4.conf.{ifname}.send_redirects"):
+        if read_sysctl(netns, key) != "0":
+            write_sysctl(netns, key, "0")
+            changed = True
+    return changed
+
+
 def ensure_forwarding(netns: int | str | None = None) -> bool:
     """IPv4 forwarding is on in ``netns`` (None: ours). Written only when off: /proc/sys may be
     read-only where forwarding is a prerequisite the node already meets."""

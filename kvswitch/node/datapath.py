@@ -9,7 +9,7 @@ import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +17,10 @@ from kvswitch.cni.contract import ID_IP, ID_MAC, ID_OWNER, ID_POD_NAME, ID_POD_N
 from kvswitch.config import AgentSettings, VSwitchConfigSpec
 from kvswitch.datapath import LocalPod, RemoteNode, node_flows, pod_flows, remote_node_flows
 from kvswitch.node.host import HostNetwork
+from kvswitch.ovs.coherence import megaflow_purge_needed
 from kvswitch.ovs.flows import Flow
-from kvswitch.ovs.openflow import FlowReconciler, Ofctl
+from kvswitch.ovs.groups import Group
+from kvswitch.ovs.openflow import FlowReconciler, Ofctl, ResyncReport
 from kvswitch.ovs.ovsdb import AsyncOvsdb, EnsureBridge, EnsurePort, PortInfo
 from kvswitch.ovs.pipeline import (
     CT_ZONE,
@@ -56,6 +58,31 @@ def pod_from_port(info: PortInfo) -> LocalPod | None:
     )
 
 
+class PurgingReconciler(FlowReconciler):
+    """A reconciler that calls ``after_change`` once a bundle (or a resync repair) changed the
+    bridge: every flow-table change, whoever made it, is followed by it."""
+
+    def __init__(self, ofctl: Ofctl, after_change: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(ofctl)
+        self._after_change = after_change
+
+    async def set_many(
+        self,
+        changes: Mapping[Owner, Iterable[Flow]],
+        groups: Mapping[Owner, Iterable[Group]] | None = None,
+    ) -> int:
+        changed = await super().set_many(changes, groups)
+        if changed:
+            await self._after_change()
+        return changed
+
+    async def resync(self) -> ResyncReport:
+        report = await super().resync()
+        if report.changed:
+            await self._after_change()
+        return report
+
+
 @dataclass
 class DatapathState:
     local: VSwitchConfigSpec | None = None
@@ -73,7 +100,16 @@ class NodeDatapath:
         self.state = DatapathState()
         self.host = HostNetwork(settings.host_netns)
         self.ofctl = Ofctl(settings.bridge, settings.ovs_rundir)
-        self.reconciler = FlowReconciler(self.ofctl)
+        self.reconciler = PurgingReconciler(self.ofctl, self.purge_stale_megaflows)
+        # OVS's userspace datapath before 2.17.8/3.0.5/3.1.3/3.2.0 can leave a megaflow with its old
+        # actions after a flow-table change (docs/networkpolicy.md, "Datapath cache"): decided at
+        # start from the running vswitchd's version and the datapath type.
+        self.megaflow_purge = False
+        self.megaflow_purges = 0  # purges run (for tests and metrics)
+        self.ovs_version = ""
+        self._purge_lock = asyncio.Lock()
+        self._purge_wanted = 0  # changes that asked for a purge
+        self._purge_covered = 0  # changes a completed purge started after
         self._ovsdb: AsyncOvsdb | None = None
         self._lock = asyncio.Lock()
         self.pods_changed = asyncio.Event()
@@ -95,6 +131,7 @@ class NodeDatapath:
         self._ovsdb = await AsyncOvsdb.connect(s.ovsdb)
         await self.db.ensure_bridge(s.bridge, datapath_type=s.datapath_type)
         await self._wait_for_mgmt()
+        await self.decide_megaflow_purge()
         await self.reconciler.start(self.db, s.bridge)
 
     async def finish_startup(self) -> None:
@@ -173,6 +210,7 @@ class NodeDatapath:
         self.host.ensure_route(spec.service_cidr, GATEWAY_PORT, mtu)
         self.host.ensure_route(f"{NODEPORT_VIP}/32", GATEWAY_PORT, mtu)
         self.host.ensure_forwarding()
+        self.host.ensure_no_redirects(GATEWAY_PORT)
         self.host.ensure_snat(spec.cluster_cidr)
 
     async def flush_udp_conntrack(self, frontend: str, port: int, endpoint: str, endpoint_port: int) -> None:
@@ -194,6 +232,48 @@ class NodeDatapath:
                 endpoint_port,
                 exc,
             )
+
+    async def decide_megaflow_purge(self) -> bool:
+        """Ask the running ovs-vswitchd its version: purge stale megaflows after flow changes only on
+        a userspace datapath without "dpif-netdev: Fix dpif_netdev_flow_put"."""
+        try:
+            self.ovs_version = (await self.appctl("version")).strip()
+        except RuntimeError as exc:
+            self.ovs_version = ""
+            log.warning("cannot read the ovs-vswitchd version (%s); assuming it needs purges", exc)
+        self.megaflow_purge = megaflow_purge_needed(self.ovs_version, self.settings.datapath_type)
+        if self.megaflow_purge:
+            log.info(
+                "%s with datapath %s: the megaflow cache is purged after every flow-table change "
+                "(stale megaflows; fixed in OVS 2.17.8, 3.0.5, 3.1.3, 3.2.0)",
+                self.ovs_version or "unknown OVS",
+                self.settings.datapath_type,
+            )
+        return self.megaflow_purge
+
+    async def purge_stale_megaflows(self) -> None:
+        """After a flow-table change, on an affected OVS: drop every cached megaflow so that the
+        next packet of each flow is translated from the tables as they are now.
+
+        ``revalidator/purge`` deletes the megaflows together with their revalidator state (the
+        ``dpctl/del-flows`` alternative leaves that state behind, and each flow stays on the slow
+        path until the next revalidator round). Concurrent callers share one purge when it started
+        after their change; a purge that started before it does not count."""
+        if not self.megaflow_purge:
+            return
+        self._purge_wanted += 1
+        mine = self._purge_wanted
+        async with self._purge_lock:
+            if self._purge_covered >= mine:
+                return
+            covers = self._purge_wanted
+            try:
+                await self.appctl("revalidator/purge")
+            except RuntimeError as exc:  # vswitchd restarting: its cache starts empty anyway
+                log.warning("purging the megaflow cache failed: %s", exc)
+                return
+            self._purge_covered = covers
+            self.megaflow_purges += 1
 
     async def appctl(self, *args: str) -> str:
         rundir = self.settings.ovs_rundir

@@ -50,6 +50,9 @@ class HostNetwork:
         with self._rtnl() as rtnl:
             return kernel.interface_mtu_for(rtnl, ip)
 
+    def ensure_no_redirects(self, ifname: str) -> bool:
+        return kernel.ensure_no_redirects(netns_path(self.netns) if self.netns else None, ifname)
+
     def ensure_forwarding(self) -> bool:
         """Forwarding is a node prerequisite: written only when off (/proc/sys may be read-only)."""
         return kernel.ensure_forwarding(netns_path(self.netns) if self.netns else None)
