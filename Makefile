@@ -46,6 +46,7 @@ bench: setup
 	$(PY) bench/cni.py
 	$(PY) bench/netlink.py
 	$(PY) bench/policy.py
+	$(PY) bench/services.py
 
 sandbox: setup
 	$(VENV)/bin/kvswitchctl sandbox
