@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := openvswitch-switch containernetworking-plugins iproute2 ethtool iperf3 iputils-ping iputils-arping tcpdump nftables
+APT_PACKAGES := openvswitch-switch containernetworking-plugins iproute2 ethtool iperf3 iputils-ping iputils-arping tcpdump nftables nfdump nfdump-sflow
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv tools test lint bench sandbox clean-runs

@@ -61,6 +61,50 @@ class ServiceProxy(StrEnum):
 # Bytes an overlay adds to every packet on the underlay (outer Ethernet excluded for MTU purposes).
 
 
+def _collector(value: str) -> str:
+    """``IPv4:port``, as the CRD's pattern says (and as OVS's sFlow/IPFIX ``targets`` take it)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or str(int(port)) != port or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not IPv4:port")
+    _ipv4(host)
+    return value
+
+
+Collector = Annotated[str, AfterValidator(_collector)]
+
+
+class SflowSpec(BaseModel):
+    """sFlow export of the bridge's traffic (1-in-N packet samples and counter polls)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    collector: Collector
+    sampling: int = Field(default=64, ge=1, le=2147483647, strict=True)  # 1 in N packets
+    polling: int = Field(default=30, ge=1, le=3600, strict=True)  # counter polling, seconds
+    header: int = Field(default=128, ge=64, le=256, strict=True)  # bytes of each sampled packet
+
+
+class IpfixSpec(BaseModel):
+    """IPFIX export of the bridge's sampled flows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    collector: Collector
+    sampling: int = Field(default=64, ge=1, le=2147483647, strict=True)  # 1 in N packets
+    cache_active_timeout: int = Field(default=60, ge=0, le=4200, strict=True, alias="cacheActiveTimeout")
+    cache_max_flows: int = Field(default=4096, ge=0, le=2147483647, strict=True, alias="cacheMaxFlows")
+    obs_domain_id: int = Field(default=0, ge=0, le=2147483647, strict=True, alias="obsDomainID")
+
+
+class TelemetrySpec(BaseModel):
+    """Pod traffic telemetry of the node's bridge (the original k-vswitch's planned feature)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    sflow: SflowSpec | None = None
+    ipfix: IpfixSpec | None = None
+
+
 class VSwitchConfigSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -71,6 +115,7 @@ class VSwitchConfigSpec(BaseModel):
     overlay_ip: IPv4Addr = Field(alias="overlayIP")
     service_proxy: ServiceProxy = Field(default=ServiceProxy.OPENFLOW, alias="serviceProxy")
     mtu: int | None = Field(default=None, ge=576, le=9216, strict=True)  # "1450" is refused, as by the CRD
+    telemetry: TelemetrySpec | None = None  # sFlow/IPFIX export; None: none
 
     @model_validator(mode="after")
     def _pod_cidr_inside_cluster(self) -> Self:

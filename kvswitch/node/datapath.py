@@ -17,6 +17,7 @@ from kvswitch.cni.contract import ID_IP, ID_MAC, ID_OWNER, ID_POD_NAME, ID_POD_N
 from kvswitch.config import AgentSettings, VSwitchConfigSpec
 from kvswitch.datapath import LocalPod, RemoteNode, node_flows, pod_flows, remote_node_flows
 from kvswitch.node.host import HostNetwork
+from kvswitch.node.telemetry import telemetry_commands
 from kvswitch.ovs.coherence import megaflow_purge_needed
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
@@ -185,6 +186,7 @@ class NodeDatapath:
                     external_ids={EXT_ROLE: "gateway"},
                     ofport_request=GATEWAY_OFPORT,
                 ),
+                *telemetry_commands(s.bridge, spec.telemetry),
                 what=f"node ports on {s.bridge}",
             )
             await self.db.wait_ofport(GATEWAY_PORT)

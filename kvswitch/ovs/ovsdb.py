@@ -27,7 +27,27 @@ SCHEMA_PATH = Path("/usr/share/openvswitch/vswitch.ovsschema")
 TUNNEL_TYPES = frozenset({"vxlan", "gre", "geneve"})
 _COLUMNS: dict[str, list[str]] = {
     "Open_vSwitch": ["bridges", "other_config", "external_ids", "cur_cfg", "next_cfg"],
-    "Bridge": ["name", "ports", "datapath_type", "fail_mode", "protocols", "external_ids", "other_config"],
+    "Bridge": [
+        "name",
+        "ports",
+        "datapath_type",
+        "fail_mode",
+        "protocols",
+        "external_ids",
+        "other_config",
+        "sflow",
+        "ipfix",
+    ],
+    # Pod traffic telemetry (VSwitchConfig spec.telemetry): SetSflow and SetIpfix.
+    "sFlow": ["targets", "sampling", "polling", "header", "agent", "external_ids"],
+    "IPFIX": [
+        "targets",
+        "sampling",
+        "obs_domain_id",
+        "cache_active_timeout",
+        "cache_max_flows",
+        "external_ids",
+    ],
     "Port": ["name", "interfaces", "external_ids"],
     "Interface": [
         "name",
@@ -297,6 +317,101 @@ class SetOtherConfig(Command):
         return "set other_config"
 
 
+TELEMETRY_OWNER = "k-vswitch/telemetry"  # external_ids key on the sFlow/IPFIX rows the agent made
+
+
+def _set_optional(row: Any, column: str, value: int | str | None) -> None:
+    if _unwrap(getattr(row, column)) != value:
+        setattr(row, column, [] if value is None else [value])
+
+
+def _exporter(
+    tx: Tx,
+    table: str,
+    bridge: str,
+    column: str,
+    wanted: Mapping[str, int | str | None] | None,
+    targets: tuple[str, ...],
+) -> None:
+    """Point ``bridge.column`` (sflow/ipfix) at a row holding ``targets`` and ``wanted``; with
+    ``wanted`` None, drop a row the agent made (one someone else made is left alone). Rows are not
+    roots: one no bridge references is removed by ovsdb itself."""
+    br = tx.bridge(bridge)
+    if br is None:
+        raise OvsdbError(f"bridge {bridge} does not exist")
+    row = _unwrap(getattr(br, column))
+    if wanted is None:
+        if row is not None and TELEMETRY_OWNER in row.external_ids:
+            setattr(br, column, [])
+        return
+    if row is None:  # a new row has no columns to compare yet: write them all
+        row = tx.txn.insert(tx.db.idl.tables[table])
+        row.targets = list(targets)
+        for col, value in wanted.items():
+            setattr(row, col, [] if value is None else [value])
+        row.external_ids = {TELEMETRY_OWNER: "agent"}
+        setattr(br, column, [row])
+        return
+    if sorted(row.targets) != sorted(targets):
+        row.targets = list(targets)
+    for col, value in wanted.items():
+        _set_optional(row, col, value)
+    if row.external_ids.get(TELEMETRY_OWNER) != "agent":
+        row.setkey("external_ids", TELEMETRY_OWNER, "agent")
+
+
+@dataclass(frozen=True)
+class SetSflow(Command):
+    """sFlow on ``bridge`` to ``targets`` (``IP:port``); ``targets`` empty: no sFlow (ours removed)."""
+
+    bridge: str
+    targets: tuple[str, ...] = ()
+    sampling: int = 64
+    polling: int = 30
+    header: int = 128
+    agent: str | None = None  # the interface whose address is the sFlow agent address; None: OVS picks
+
+    def apply(self, tx: Tx) -> None:
+        wanted: dict[str, int | str | None] | None = None
+        if self.targets:
+            wanted = {
+                "sampling": self.sampling,
+                "polling": self.polling,
+                "header": self.header,
+                "agent": self.agent,
+            }
+        _exporter(tx, "sFlow", self.bridge, "sflow", wanted, self.targets)
+
+    def describe(self) -> str:
+        return f"sFlow on {self.bridge} to {','.join(self.targets) or 'nobody'}"
+
+
+@dataclass(frozen=True)
+class SetIpfix(Command):
+    """IPFIX on ``bridge`` to ``targets`` (``IP:port``); ``targets`` empty: no IPFIX (ours removed)."""
+
+    bridge: str
+    targets: tuple[str, ...] = ()
+    sampling: int = 64
+    cache_active_timeout: int = 60
+    cache_max_flows: int = 4096
+    obs_domain_id: int = 0
+
+    def apply(self, tx: Tx) -> None:
+        wanted: dict[str, int | str | None] | None = None
+        if self.targets:
+            wanted = {
+                "sampling": self.sampling,
+                "cache_active_timeout": self.cache_active_timeout,
+                "cache_max_flows": self.cache_max_flows,
+                "obs_domain_id": self.obs_domain_id,
+            }
+        _exporter(tx, "IPFIX", self.bridge, "ipfix", wanted, self.targets)
+
+    def describe(self) -> str:
+        return f"IPFIX on {self.bridge} to {','.join(self.targets) or 'nobody'}"
+
+
 _reconnects = 0  # sessions of this process that came back after being lost (kvswitch.metrics)
 
 
@@ -382,7 +497,11 @@ class Ovsdb:
         while True:
             self.idl.run()
             txn = ovs.db.idl.Transaction(self.idl)
-            build(txn)
+            try:
+                build(txn)
+            except BaseException:
+                txn.abort()  # else the IDL keeps it open and every later run() fails
+                raise
             status = txn.commit()
             while status == ovs.db.idl.Transaction.INCOMPLETE:
                 poller = ovs.poller.Poller()
