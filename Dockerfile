@@ -1,5 +1,6 @@
 # k-vswitch: one image for k-vswitchd, k-vswitch-controller and the node-side CNI install.
 #   docker build -t REGISTRY/k-vswitch:0.1.0 .      (the chart's image.repository / image.tag)
+#   make image                                       (podman, here: scripts/build-image.sh)
 #
 # Debian's own Python in every stage: the venv built in `build` runs unchanged in the final stage,
 # and the CNI bundle carries that same interpreter onto the nodes.
@@ -22,7 +23,12 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kvswitch ./kvswitch
-RUN python3 -m venv /opt/k-vswitch/venv \
+# Behind a TLS-intercepting proxy pip needs that proxy's CA: pass it as the optional build secret
+# `pip-ca` (`--secret id=pip-ca,src=CA-FILE`; scripts/build-image.sh passes the host's bundle).
+# A secret is mounted for this step only and never enters a layer; without one pip uses its own.
+RUN --mount=type=secret,id=pip-ca \
+    python3 -m venv /opt/k-vswitch/venv \
+ && if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && /opt/k-vswitch/venv/bin/pip install --no-cache-dir /src
 # What install-cni.sh copies onto each node: Python, the package, host-local, portmap, and every
 # shared library they need (host glibc versions vary; the bundle brings its own loader).

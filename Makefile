@@ -3,9 +3,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := openvswitch-switch containernetworking-plugins iproute2 ethtool iperf3 iputils-ping iputils-arping tcpdump nftables nfdump nfdump-sflow
+# What `make image` needs: podman (root, runc, cgroupfs: scripts/containers.conf), mmdebstrap for the
+# base image (no registry here), openssl for the chart-driven sandbox's API certificate.
+IMAGE_APT_PACKAGES := podman runc mmdebstrap openssl
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages venv tools test lint bench sandbox clean-runs
+.PHONY: setup system-packages image-packages image venv tools test lint bench sandbox clean-runs
 
 setup: system-packages venv
 
@@ -18,6 +21,20 @@ system-packages:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+image-packages:
+	@missing=""; for p in $(IMAGE_APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The image from the Dockerfile, with podman: the Debian base is made once from Debian's packages
+# (no registry), podman's layer cache keeps rebuilds short. IMAGE=name:tag overrides the chart's.
+image: image-packages
+	scripts/build-image.sh
 
 venv: $(VENV)/.installed
 

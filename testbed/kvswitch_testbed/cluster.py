@@ -142,18 +142,7 @@ class Cluster:
         self._add_external_host()
         self._start_api()
         self.say(f"API server on http://{API_IP}:{API_PORT} (underlay) and {self.client.base_url} (loopback)")
-        self._start_process(
-            "controller",
-            self.bed.underlay_ns,
-            _bin("k-vswitch-controller"),
-            {
-                "KVSWITCH_STANDALONE": "1",
-                "KVSWITCH_CLUSTER_CIDR": self.cluster_cidr,
-                "KVSWITCH_SERVICE_CIDR": self.service_cidr,
-                "KVSWITCH_OVERLAY_TYPE": self.overlay,
-                "KVSWITCH_SERVICE_PROXY": self.service_proxy,
-            },
-        )
+        self.start_controller()
         for node in self.bed.nodes.values():
             self._create_node_object(node)
             self.start_agent(node)
@@ -237,6 +226,22 @@ class Cluster:
                 else {}
             ),
         }
+
+    def start_controller(self) -> Process:
+        """The controller, in the underlay namespace ("the control plane"); chartrun.ChartCluster
+        runs the chart's Deployment instead."""
+        return self._start_process(
+            "controller",
+            self.bed.underlay_ns,
+            _bin("k-vswitch-controller"),
+            {
+                "KVSWITCH_STANDALONE": "1",
+                "KVSWITCH_CLUSTER_CIDR": self.cluster_cidr,
+                "KVSWITCH_SERVICE_CIDR": self.service_cidr,
+                "KVSWITCH_OVERLAY_TYPE": self.overlay,
+                "KVSWITCH_SERVICE_PROXY": self.service_proxy,
+            },
+        )
 
     def start_agent(self, node: Node) -> Process:
         return self._start_process(f"agent-{node.name}", node.netns, _bin("k-vswitchd"), self.agent_env(node))

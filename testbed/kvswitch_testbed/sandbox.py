@@ -15,6 +15,7 @@ import sys
 import time
 from types import FrameType
 
+from kvswitch_testbed.chartrun import ChartCluster
 from kvswitch_testbed.cluster import EXTERNAL_IP, Cluster
 from kvswitch_testbed.probes import (
     Answer,
@@ -48,9 +49,12 @@ def run_sandbox(
     overlay: str = "vxlan",
     hold: bool = False,
     service_proxy: str = "openflow",
+    cluster: Cluster | None = None,
 ) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    cluster = Cluster(nodes=nodes, overlay=overlay, service_proxy=service_proxy, say=_say)
+    if cluster is None:
+        cluster = Cluster(nodes=nodes, overlay=overlay, service_proxy=service_proxy, say=_say)
+    cluster.say = _say
     try:
         cluster.start()
         t0 = time.monotonic()
@@ -75,6 +79,8 @@ def run_sandbox(
         failures += external.count(False)
         failures += _services_demo(cluster, endpoints)
         failures += _policy_demo(cluster, endpoints, overlay)
+        if isinstance(cluster, ChartCluster):  # helm uninstall: its hooks must leave every node clean
+            failures += len(cluster.helm_uninstall())
         _say("all paths work" if failures == 0 else f"{failures} probes FAILED; logs under {cluster.workdir}")
         if hold:
             _say(f"holding; try: kubectl --kubeconfig {cluster.workdir}/kubeconfig.local get vsc")
