@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 from kvswitch.datapath import LocalPod
 from kvswitch.ovs.flows import Flow
-from kvswitch.policy.compute import PolicyState
-from kvswitch.policy.flows import ConjIds, policy_flows
+from kvswitch.ovs.pipeline import Owner
+from kvswitch.policy.compute import PolicyState, paused_gc
+from kvswitch.policy.flows import NodePolicyFlows
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 
 
@@ -21,9 +22,9 @@ class PolicyInputs:
         self.node_name = node_name
         self._local_pods = local_pods
         self.state = PolicyState()
+        self.table = NodePolicyFlows(self.state)  # this node's flows, kept per event
         self._api_pods: dict[str, PodInfo] = {}  # every pod of the cluster, by namespace/name
         self._local_keys: set[str] = set()
-        self._conj_ids = ConjIds()
 
     def set_pod(self, key: str, pod: PodInfo | None) -> None:
         if pod is None:
@@ -48,10 +49,12 @@ class PolicyInputs:
 
     def replace(self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[Policy]) -> None:
         """Start over from a full listing (agent start-up, tests)."""
-        self._api_pods = {p.key: p for p in pods}
-        self._local_keys = {p.key for p in pods if p.node == self.node_name}
-        effective = [e for k in self._api_pods if (e := self._effective(k)) is not None]
+        with paused_gc():
+            self._api_pods = {p.key: p for p in pods}
+            self._local_keys = {p.key for p in pods if p.node == self.node_name}
+            effective = [e for k in self._api_pods if (e := self._effective(k)) is not None]
         self.state = PolicyState.build(effective, namespaces, policies)
+        self.table = NodePolicyFlows(self.state)  # sends every bucket: what was installed is replaced
 
     def _effective(self, key: str) -> PodInfo | None:
         """The API's pod, with the IP the CNI recorded while the API does not know it yet."""
@@ -61,12 +64,23 @@ class PolicyInputs:
         ip = next((p.ip for p in self._local_pods() if f"{p.namespace}/{p.name}" == key), None)
         return pod if ip is None else dataclasses.replace(pod, ip=ip)
 
-    def flows(self) -> list[Flow]:
-        """The policy flows of this node's pods, for the policies of their namespaces only."""
+    def flow_changes(self) -> dict[Owner, list[Flow]]:
+        """The policy flows of this node's pods (for the policies of their namespaces only) that
+        changed since :meth:`installed` was last called: the full desired flows of each owner
+        (a bucket of the flow keys) whose flows changed. Recomputes only what the events since
+        touched. Returned again until :meth:`installed` confirms them."""
         for key in self._local_keys:
             pod = self._effective(key)
             if pod != self.state.pods.get(key):
                 self.state.set_pod(key, pod)
-        local = [p for k in self._local_keys if (p := self.state.pods.get(k)) is not None]
-        result = self.state.compute(namespaces={p.namespace for p in local})
-        return policy_flows(result, local, self._conj_ids)
+        self.table.update(p for k in self._local_keys if (p := self.state.pods.get(k)) is not None)
+        return self.table.pending()
+
+    def installed(self) -> None:
+        """What :meth:`flow_changes` last returned is in OVS."""
+        self.table.confirm()
+
+    def flows(self) -> list[Flow]:
+        """Every policy flow of this node, brought up to date."""
+        self.flow_changes()
+        return self.table.flows()

@@ -5,13 +5,16 @@ Parsed once from API dicts; everything after works on these, so the computation 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Labels = Mapping[str, str]
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+PortRange = tuple[str, int, int]  # (protocol, first, last); (proto, 0, 65535) = every port
+ALL_PORTS = (0, 65535)
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,22 @@ class Requirement:
         raise ValueError(f"unknown selector operator {self.operator!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Selector:
-    """A LabelSelector; all requirements ANDed; no requirement = everything."""
+    """A LabelSelector; all requirements ANDed; no requirement = everything. Hashed once: selectors
+    key the memoised selections, looked up for every policy a change touches."""
 
     requirements: tuple[Requirement, ...] = ()
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self.requirements))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Selector], tuple[tuple[Requirement, ...]]]:
+        return (Selector, (self.requirements,))  # the hash is per process: never pickled
 
     @classmethod
     def parse(cls, data: Mapping[str, Any] | None) -> Selector:
@@ -80,13 +94,23 @@ class IPBlock:
         return sorted(nets)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Peer:
-    """podSelector and/or namespaceSelector (ANDed), or an ipBlock."""
+    """podSelector and/or namespaceSelector (ANDed), or an ipBlock. Hashed once (see Selector)."""
 
     pod_selector: Selector | None = None
     namespace_selector: Selector | None = None
     ip_block: IPBlock | None = None
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.pod_selector, self.namespace_selector, self.ip_block)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Peer], tuple[Selector | None, Selector | None, IPBlock | None]]:
+        return (Peer, (self.pod_selector, self.namespace_selector, self.ip_block))
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Peer:
@@ -118,10 +142,18 @@ class PortSpec:
         return cls(protocol, port, data.get("endPort"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     peers: tuple[Peer, ...] | None  # None: all peers (absent or empty from/to)
     ports: tuple[PortSpec, ...] | None  # None: all ports and protocols
+    # Derived once from ports: the numeric port ranges, and whether a port is named.
+    numeric: frozenset[PortRange] = field(default=frozenset(), init=False, repr=False, compare=False)
+    named: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ports is not None:
+            object.__setattr__(self, "numeric", _numeric_ranges(self.ports))
+            object.__setattr__(self, "named", any(isinstance(p.port, str) for p in self.ports))
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], peer_key: str) -> Rule:
@@ -131,6 +163,18 @@ class Rule:
             tuple(Peer.parse(p) for p in peers) if peers else None,
             tuple(PortSpec.parse(p) for p in ports) if ports else None,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _numeric_ranges(ports: tuple[PortSpec, ...]) -> frozenset[PortRange]:
+    """The ranges of the numeric ports (and "every port of a protocol"); shared between rules."""
+    out: set[PortRange] = set()
+    for spec in ports:
+        if spec.port is None:
+            out.add((spec.protocol, *ALL_PORTS))
+        elif isinstance(spec.port, int):
+            out.add((spec.protocol, spec.port, spec.end_port or spec.port))
+    return frozenset(out)
 
 
 @dataclass(frozen=True)
