@@ -285,3 +285,66 @@ def test_policy_lists_what_selects_a_pod(bed: Bed) -> None:
 def test_unknown_pod_is_an_error(bed: Bed) -> None:
     proc = bed.ctl("trace", "--from", "default/nope", "--to", "default/web", "--dport", "80", check=False)
     assert proc.returncode == 2 and "default/nope not found" in proc.stderr
+
+
+# --- live mode: a real tagged packet through the real datapath ---------------------------------
+
+
+def rx_packets(pod: ClusterPod) -> int:
+    return int(run(["cat", "/sys/class/net/eth0/statistics/rx_packets"], pod.netns).stdout)
+
+
+def trace_cookies_left(bed: Bed) -> list[str]:
+    from kvswitch.cli.live import TRACE_OWNER
+    from kvswitch.ovs.pipeline import cookie_category, owner_hash
+
+    left = []
+    for name, node in bed.c.bed.nodes.items():
+        for line in node.ovs.ofctl("dump-flows", "k-vswitch0").stdout.splitlines():
+            if "cookie=" in line:
+                cookie = int(line.split("cookie=")[1].split(",")[0], 16)
+                if cookie_category(cookie) == TRACE_OWNER.category and cookie & 0xFFFFFFFFFF == owner_hash(
+                    TRACE_OWNER.name
+                ):
+                    left.append(f"{name}: {line}")
+    return left
+
+
+def live_tables(t: Any) -> list[list[str]]:
+    return [[o["tableName"] for o in h["observed"]] for h in t["live"]["hops"]]
+
+
+def test_live_packet_follows_the_allowed_path_and_is_kept_from_the_pod(bed: Bed) -> None:
+    web = bed.pods["web"]
+    before = rx_packets(web)
+    t = bed.trace("client", "default/web", "--dport", "80", "--live")
+    assert t["verdict"]["result"] == "delivered"
+    hops = t["live"]["hops"]
+    assert [h["node"] for h in hops] == ["node1", "node2"] and all(h["complete"] for h in hops), hops
+    node1, node2 = live_tables(t)
+    assert node1[:2] == ["CLASSIFIER", "SPOOF_GUARD"] and node1[-2:] == ["L3_FORWARD", "OUTPUT"]
+    assert node2[0] == "CLASSIFIER" and node2[-1] == "OUTPUT"  # crossed the tunnel for real
+    assert "followed the traced path to its end, node2 OUTPUT" in t["live"]["text"]
+    assert rx_packets(web) == before  # observed at the output, never handed to the pod
+    assert trace_cookies_left(bed) == []
+
+
+def test_live_packet_is_dropped_where_the_trace_says(bed: Bed) -> None:
+    t = bed.trace("other", "default/web", "--dport", "80", "--live")
+    assert t["verdict"]["reason"] == "policy-ingress"
+    node1, node2 = live_tables(t)
+    assert node1[-1] == "OUTPUT" and node2[-1] == "INGRESS"
+    assert "node2 INGRESS" in t["live"]["text"] and t["live"]["text"].endswith(": dropped")
+    t = bed.trace("locked", "default/other", "--dport", "80", "--live")
+    (only,) = live_tables(t)
+    assert only[-1] == "EGRESS" and t["live"]["hops"][0]["complete"]
+    assert trace_cookies_left(bed) == []
+
+
+def test_live_spoofed_packet_stops_at_the_spoof_guard(bed: Bed) -> None:
+    t = bed.trace("client", "default/web", "--proto", "udp", "--dport", "53", "--src-ip", SPOOFED, "--live")
+    assert t["verdict"]["reason"] == "spoof-guard"
+    assert live_tables(t) == [["CLASSIFIER", "SPOOF_GUARD"]]
+    out = bed.ctl("trace", "--from", "default/client", "--to", NOWHERE, "--proto", "icmp", "--live").stdout
+    assert "live, node1: seen in CLASSIFIER > SPOOF_GUARD > " in out and "L3_FORWARD" in out
+    assert "live: the real packet followed the traced path to its end, node1 L3_FORWARD" in out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import random
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from kvswitch.cli.context import (
     split_key,
 )
 from kvswitch.cli.explain import DirectionVerdict, RuleRef, judge
+from kvswitch.cli.live import LiveHop, build_frame, run_live
 from kvswitch.cli.ovstrace import OvsTrace, Step, parse_trace
 from kvswitch.config import VSwitchConfigSpec
 from kvswitch.ovs.pipeline import (
@@ -68,6 +70,11 @@ def register(sub: Any) -> None:
     p.add_argument("--sport", type=int, default=DEFAULT_SPORT, help=f"source port (default {DEFAULT_SPORT})")
     p.add_argument("--src-ip", help="send with this source IP instead of the pod's (spoof-guard check)")
     p.add_argument("--src-mac", help="send with this source MAC instead of the pod's")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="also send a real tagged packet from the pod's port and report which flows it met",
+    )
     add_common_options(p)
     p.set_defaults(func=main)
 
@@ -371,6 +378,8 @@ class TraceResult:
     stages: list[PolicyStage] = field(default_factory=list)
     verdict: Verdict | None = None
     notes: list[str] = field(default_factory=list)
+    live: list[LiveHop] | None = None
+    live_text: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -381,6 +390,9 @@ class TraceResult:
             "policy": [s.to_json() for s in self.stages],
             "nodes": [h.to_json() for h in self.hops],
             "notes": self.notes,
+            "live": None
+            if self.live is None
+            else {"hops": [h.to_json(table_name) for h in self.live], "text": self.live_text},
         }
 
 
@@ -471,7 +483,50 @@ def trace(ctx: Context, cluster: ClusterView, args: argparse.Namespace) -> Trace
         if stage is not None:
             result.stages.append(stage)
     result.verdict = verdict(result, specs)
+    if args.live:
+        if src_ovs is None or src_port is None:
+            raise CliError(f"--live sends from the source pod's port: {src_node}'s OVS must be reachable")
+        live(ctx, result, src_port)
     return result
+
+
+def live(ctx: Context, result: TraceResult, src_port: PodPort) -> None:
+    """Send the real, tagged packet along the traced path (kvswitch.cli.live) and say how far it got."""
+    p = result.packet
+    nodes = []
+    for i, traced in enumerate(result.hops):
+        ovs = ctx.node(traced.node)
+        assert ovs is not None  # it was traced
+        forward = traced.outcome == "tunnel" and i < len(result.hops) - 1
+        nodes.append((ovs, traced.steps(), forward))
+    sport = random.randint(49152, 65535)
+    dport = p.dport or 0
+
+    def frame(dscp: int) -> bytes:
+        return build_frame(p.proto, p.src_mac, p.dst_mac, p.src_ip, p.dst_ip, sport, dport, dscp)
+
+    result.live = run_live(nodes, src_port.ofport, frame)
+    last_seen = next(((h, t) for h in reversed(result.live) if (t := h.last_seen()) is not None), None)
+    if last_seen is None:
+        result.live_text = (
+            "the real packet met none of the traced flows (was the pod's port or a flow replaced?)"
+        )
+        return
+    seen_hop, tap = last_seen
+    step = tap.step
+    where = f"{seen_hop.node} {table_name(step.table)} ({step.match or '*'}, priority {step.priority})"
+    if all(h.complete for h in result.live) and len(result.live) == len(result.hops):
+        end = result.hops[-1]
+        result.live_text = f"the real packet followed the traced path to its end, {where}: {end.outcome}"
+        if end.outcome in ("delivered", "host"):
+            result.live_text += (
+                " (kvswitchctl stops injected packets at the output: no pod or host gets them)"
+            )
+    else:
+        result.live_text = (
+            f"the real packet was last seen at {where}; the traced path goes on from there, "
+            "so it was dropped or took another way after that flow"
+        )
 
 
 def verdict(result: TraceResult, specs: dict[str, VSwitchConfigSpec]) -> Verdict:
@@ -531,6 +586,12 @@ def render(result: TraceResult) -> str:
         out.append(f"policy, {stage.direction} at {stage.node}: {stage.describe()}")
     for n in result.notes:
         out.append(f"note: {n}")
+    if result.live is not None:
+        for h in result.live:
+            seen = {t.index: t for t in h.expected}
+            tables = " > ".join(table_name(seen[i].step.table) for i in h.seen if i in seen) or "nothing"
+            out.append(f"live, {h.node}: seen in {tables} ({len(h.seen)} of {len(h.expected)} traced flows)")
+        out.append(f"live: {result.live_text}")
     v = result.verdict
     if v is not None:
         where = f" at {v.node} {v.table}".rstrip() if v.result == "dropped" else ""
