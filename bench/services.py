@@ -28,6 +28,7 @@ import cProfile
 import io
 import ipaddress
 import json
+import logging
 import math
 import os
 import pstats
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvswitch_testbed import Node, TestBed
+from kvswitch_testbed import Node, TestBed, find_leaks
 from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
 
 from kvswitch.cni.contract import CONFLIST_NAME
@@ -61,6 +62,7 @@ NS = "bench"
 SERVICE_PORT = 80
 WEB_IP = "10.96.0.10"  # 10 endpoints: the 5 backends x ports 8080, 8081
 BIG_IP = "10.96.0.20"  # 5,000 endpoints: the 5 backends x ports 20000..20999
+BUDDY_IP = "10.96.0.22"  # a small Service batched with the 5,000-endpoint one
 MID_IP = "10.96.0.21"  # 1,000 endpoints: the 5 backends x ports 20000..20199
 RAW_GID = 0xF00000  # the 5,000-bucket group the bench installs itself
 CHUNK = 500  # buckets per group mod when the bench installs a big group
@@ -215,6 +217,7 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pods: dict[str, tuple[str, str]] = {}  # name -> (netns, ip)
         self.scratch = Path()
+        self.summary: list[str] = []
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -488,6 +491,8 @@ class Bench:
             print(f"    {label:<49} {wall:.2f} s wall, {cpu:.2f} s CPU")
             print(f"        each run: wall {walls}; CPU python+ovs-ofctl+ovs-vswitchd {parts}")
         print(f"    ratio {o / r:.2f} wall, {oc / rc:.2f} CPU  (goal <= 1.5)")
+        self.summary.append(f"(a) full sync of {n} Services: {o:.2f} s vs raw {r:.2f} s, ratio {o / r:.2f} "
+                            f"wall / {oc / rc:.2f} CPU (goal <= 1.5)")  # fmt: skip
         print(f"    translation alone (ServiceState.translate x {n}, no OVS): {t_translate:.2f} s")
 
     async def endpoint_change(self) -> None:
@@ -527,6 +532,8 @@ class Bench:
             print(f"    {label:<43} p50 {ms(pct(t, 50))}  p99 {ms(pct(t, 99))}")
         p50, p99 = pct(ours, 50) / pct(raw, 50), pct(ours, 99) / pct(raw, 99)
         print(f"    ratio p50 {p50:.2f}  p99 {p99:.2f}  (goal <= 2)")
+        self.summary.append(f"(b) one endpoint change: p50 {ms(pct(ours, 50))} vs raw {ms(pct(raw, 50))}, "
+                            f"ratio p50 {p50:.2f} / p99 {p99:.2f} (goal <= 2)")  # fmt: skip
 
     async def connect_rounds(
         self, targets: dict[str, str], count: int, rounds: int, between: Any = None
@@ -592,6 +599,8 @@ class Bench:
             p50 = pct(res["10k", mode], 50) / pct(res["1k", mode], 50)
             print(f"    ratio {n + 1}/{small + 1}, {mode}: p99 {p99:.2f}  p50 {p50:.2f}  "
                   "(goal: p99 within 10 %)")  # fmt: skip
+            self.summary.append(f"(c) connect {n + 1} vs {small + 1} Services, {mode}: p99 ratio {p99:.2f}, "
+                                f"p50 ratio {p50:.2f} (goal: p99 within 10 %)")  # fmt: skip
         await resize("1k")  # (d) runs with the small set
 
     def balance(self, answers: list[str], n_endpoints: int) -> None:
@@ -606,6 +615,10 @@ class Bench:
               f"chi-square {chi2:.1f}, 4 d.o.f.: 9.5 is p=0.05)")  # fmt: skip
         print(f"      distinct endpoints reached {len(endpoints)} (a uniform choice expects {expect:.0f}), "
               f"most connections on one endpoint {max(endpoints.values())}")  # fmt: skip
+        per_pod = "/".join(str(pods[f"b{i}"]) for i in range(BACKENDS))
+        reached = f"{len(endpoints)} endpoints reached (uniform: {expect:.0f})"
+        self.summary.append(f"(d) balance over {n_endpoints} endpoints, {n} connections: pods {per_pod}, "
+                            f"chi-square {chi2:.1f}; {reached}")  # fmt: skip
 
     def raw_service(self, name: str, ip: str, ports: list[int], limit: int, gid: int) -> tuple[str, str]:
         """The agent's translation of a Service, as a bundle that also carries groups over OpenFlow's
@@ -640,21 +653,33 @@ class Bench:
               f"target ports each (one process a pod listens on all of them; one EndpointSlice a port); "
               f"{self.args.small + 1} other Services installed")  # fmt: skip
         self.appctl("vlog/set", "ofproto_dpif:file:dbg")
-        # 1. through the agent
+        # 1. through the agent, in one batch with a small Service ("buddy", one endpoint)
+        self.backed_service("buddy", BUDDY_IP, [WEB_PORTS[0]], 1)
         self.backed_service("big", BIG_IP, ports, n_big)
+        t_ok = False
         try:
             t, _ = await self.apply()
+            t_ok = True
             print(f"    through the agent: installed in {ms(t)}")
         except OfctlError as exc:
             why = str(exc).split(": ovs-ofctl")[-1].split("(flow:")[0].strip()[:160]
             print(f"    through the agent: REJECTED, ovs-ofctl: {why}")
             for line in (
                 "(one group_mod carries all buckets and OpenFlow lengths are 16 bits: at ~64 bytes a",
-                "bucket about 1,000 fit. The whole bundle fails, so every Service batched with it fails",
-                "too; and dump-groups cannot decode such a group either: OFPBPC_BAD_LEN)",
+                "bucket about 1,000 fit; dump-groups cannot decode such a group either: OFPBPC_BAD_LEN)",
             ):
                 print("      " + line)
+        await self.a.apply_services()  # what the agent's service loop does after a failure: retry
+        buddy = any(o.name == f"{NS}/buddy" for o in self.a.datapath.reconciler.owners)
+        verdict = (
+            "programmed" if buddy else "NOT programmed (the batch failed and its dirty keys were dropped)"
+        )
+        print(f"    a 1-endpoint Service in the same batch, after the agent's retry: {verdict}")
+        outcome = "installed" if t_ok else "REJECTED"
+        self.summary.append(f"(d) {n_big} endpoints through the agent: {outcome}; a Service batched with it: "
+                            f"{verdict.split(' (')[0]}")  # fmt: skip
         self.drop_backed_service("big", ports)
+        self.drop_backed_service("buddy", [WEB_PORTS[0]])
         await self.apply()
         # 2. the largest that fits one group_mod, through the agent; its raw bundle
         self.backed_service("mid", MID_IP, mid_ports, n_mid)
@@ -693,6 +718,9 @@ class Bench:
                 p99 = pct(res[name, mode], 99) / pct(res["web", mode], 99)
                 print(f"    ratio {labels[name]} / 10 endpoints, {mode}: p50 {p50:.2f}  p99 {p99:.2f}  "
                       "(goal <= 2)")  # fmt: skip
+                if mode == "warm":
+                    self.summary.append(f"(d) connect, {labels[name]} / 10 endpoints (warm): p50 {p50:.2f}, "
+                                        f"p99 {p99:.2f} (goal <= 2)")  # fmt: skip
         for name in ("big", "mid"):
             _, answers, errors, _ = await self.connect(targets[name], self.args.balance, warmup=0)
             print(f"    balance, {labels[name]}, {len(answers)} connections ({errors} failed):")
@@ -745,6 +773,9 @@ async def run(bed: TestBed, args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             await step()
             print(f"    [{time.perf_counter() - t0:.0f} s]")
+        print("\nsummary:")
+        for line in b.summary:
+            print("  " + line)
     finally:
         await b.stop()
 
@@ -780,9 +811,20 @@ def main() -> None:
         raise KeyboardInterrupt  # unwinds through the clean-up below
 
     signal.signal(signal.SIGTERM, terminate)
+    logging.basicConfig(level=logging.ERROR)  # the agent's warnings (pods not in an API) are noise here
     t0 = time.perf_counter()
-    with TestBed() as bed:
-        asyncio.run(run(bed, args))
+    bed = TestBed()
+    print(f"test bed run {bed.prefix}")
+    try:
+        with bed:
+            asyncio.run(run(bed, args))
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        sys.exit(130)
+    finally:
+        leaks = find_leaks(bed.run_id)
+        if leaks:
+            print(f"left behind: {leaks}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
