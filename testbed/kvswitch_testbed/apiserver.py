@@ -27,7 +27,16 @@ From synchronous code (a thread with its own loop)::
 
 Inside a node's network namespace (the agents reach the API over the simulated underlay)::
 
-    url = await server.listen(sock=netns_socket("underlay"), host="10.250.0.1", port=6443)
+    url = await server.listen(host="10.250.0.1", port=6443, sock_factory=lambda: netns_socket("underlay"))
+
+Outages and faults, for tests of clients that must ride them out (the store is never touched)::
+
+    await server.pause()              # stopped: connections refused, open ones (watches too) dropped
+    server.create(...)                # the cluster's state moves on meanwhile (etcd, another replica)
+    await server.resume()             # same addresses, same data, an empty watch cache (410 Gone)
+    server.fail_requests(429, retry_after=1)   # every request answered 429 (or 500...) until
+    server.clear_faults()                      # ...this
+    server.cut_watches()              # open watch streams break in the middle of their next event
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -46,7 +56,7 @@ from typing import Any, Self, TypeVar
 import aiohttp.web
 import yaml
 
-from kvswitch_testbed.apiserver_http import Emulator
+from kvswitch_testbed.apiserver_http import Emulator, Fault
 from kvswitch_testbed.apiserver_types import JSON, ApiError, ResourceLike, ResourceSpec
 
 __all__ = [
@@ -54,6 +64,7 @@ __all__ = [
     "ApiServer",
     "ApiServerThread",
     "Emulator",
+    "Fault",
     "ResourceSpec",
     "write_kubeconfig",
 ]
@@ -82,6 +93,20 @@ def _url_of(sock: socket.socket, host: str) -> str:
     return f"http://[{addr}]:{port}" if ":" in addr else f"http://{addr}:{port}"
 
 
+SocketFactory = Callable[[], socket.socket]
+
+
+@dataclass
+class _Listener:
+    """One listening address; ``factory`` makes its socket again after a pause (e.g. in a netns)."""
+
+    host: str
+    port: int  # as bound
+    factory: SocketFactory | None
+    resumable: bool  # False for a bare socket given without a factory
+    site: aiohttp.web.SockSite | None = None
+
+
 class ApiServer:
     """The fake API server in the caller's event loop: one store, any number of listening sockets."""
 
@@ -97,7 +122,8 @@ class ApiServer:
         for crd in crds:
             self.emulator.register_crd(crd)
         self._runner: aiohttp.web.ServerRunner | None = None
-        self._sites: list[aiohttp.web.SockSite] = []
+        self._listeners: list[_Listener] = []
+        self._paused = False
         self.urls: list[str] = []
 
     @property
@@ -111,7 +137,13 @@ class ApiServer:
         """Unexpected server-side failures (answered with 500); a passing test expects none."""
         return self.emulator.failures
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> str:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sock: socket.socket | None = None,
+        sock_factory: SocketFactory | None = None,
+    ) -> str:
         """Start serving; ``sock`` may come from ``netns_socket()`` (bound here to host:port if unbound)."""
         if self._runner is not None:
             raise RuntimeError("the API server is already started; use listen() for more sockets")
@@ -119,19 +151,42 @@ class ApiServer:
         server = aiohttp.web.Server(self.emulator, handler_cancellation=True)
         self._runner = aiohttp.web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        return await self.listen(host, port, sock)
+        return await self.listen(host, port, sock, sock_factory)
 
-    async def listen(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> str:
-        """Serve the same store on one more socket (e.g. the underlay address inside a netns)."""
+    async def listen(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sock: socket.socket | None = None,
+        sock_factory: SocketFactory | None = None,
+    ) -> str:
+        """Serve the same store on one more socket (e.g. the underlay address inside a netns).
+
+        ``sock_factory`` makes an unbound socket (``lambda: netns_socket(ns)``): the first one now
+        unless ``sock`` is given, a new one on every :meth:`resume`. A plain address needs neither.
+        A bare ``sock`` without a factory cannot be served again after :meth:`pause`.
+        """
         if self._runner is None:
             raise RuntimeError("the API server is not started")
+        if sock is None and sock_factory is not None:
+            sock = sock_factory()
+        resumable = sock is None or sock_factory is not None
         bound = _bind_socket(host, port, sock)
-        site = aiohttp.web.SockSite(self._runner, bound)
-        await site.start()
-        self._sites.append(site)
+        listener = _Listener(host, bound.getsockname()[1], sock_factory, resumable)
+        if not self._paused:
+            listener.site = await self._serve(bound)
+        else:
+            bound.close()
+        self._listeners.append(listener)
         url = _url_of(bound, host)
         self.urls.append(url)
         return url
+
+    async def _serve(self, sock: socket.socket) -> aiohttp.web.SockSite:
+        assert self._runner is not None
+        site = aiohttp.web.SockSite(self._runner, sock)
+        await site.start()
+        return site
 
     async def stop(self) -> None:
         if self._runner is None:
@@ -140,9 +195,82 @@ class ApiServer:
         await asyncio.sleep(0)
         await self._runner.cleanup()
         self._runner = None
-        self._sites.clear()
+        self._listeners.clear()
+        self._paused = False
         self.urls.clear()
         await self.emulator.__aexit__(None, None, None)
+
+    # ---------------------------------------------------------------- outages and faults
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """Stop serving as a stopped kube-apiserver does: every listening socket is closed (clients
+        get "connection refused") and every open connection, watch streams included, is dropped
+        (TCP reset). The store and everything in it stays; it may be changed directly meanwhile."""
+        if self._runner is None:
+            raise RuntimeError("the API server is not started")
+        if self._paused:
+            return
+        if not all(lst.resumable for lst in self._listeners):
+            raise RuntimeError("a socket given to listen() without sock_factory cannot be served again")
+        self._paused = True
+        for lst in self._listeners:
+            if lst.site is not None:
+                await lst.site.stop()
+                lst.site = None
+        self.drop_connections()
+        await asyncio.sleep(0)
+
+    async def resume(self, *, keep_watch_cache: bool = False) -> None:
+        """Serve again on the same addresses with the same store. By default the watch cache starts
+        empty, as after a real restart: watches resuming from an older resourceVersion get 410 Gone
+        and must list again. ``keep_watch_cache=True`` models a server that was only unreachable."""
+        if self._runner is None:
+            raise RuntimeError("the API server is not started")
+        if not self._paused:
+            return
+        if not keep_watch_cache:
+            self.emulator.reset_watch_cache()
+        for lst in self._listeners:
+            sock = lst.factory() if lst.factory is not None else None
+            lst.site = await self._serve(_bind_socket(lst.host, lst.port, sock))
+        self._paused = False
+
+    def drop_connections(self) -> int:
+        """Reset every open client connection (watch streams and idle keep-alive ones); returns how
+        many. The server keeps listening: clients reconnect at once."""
+        if self._runner is None or self._runner.server is None:
+            return 0
+        dropped = 0
+        for conn in self._runner.server.connections:
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+                dropped += 1
+        return dropped
+
+    def fail_requests(self, status: int, retry_after: int | None = None) -> None:
+        """From now on every request gets ``status`` (a kube-apiserver Status body; ``Retry-After``
+        with ``retry_after``) until :meth:`clear_faults`. Open watch streams go on: drop them with
+        :meth:`drop_connections` to make their clients meet the fault."""
+        self.emulator.fault = Fault(status, retry_after)
+
+    def clear_faults(self) -> None:
+        """Requests are served again; streams armed by :meth:`cut_watches` are disarmed."""
+        self.emulator.fault = None
+        self.emulator.disarm_cuts()
+
+    def cut_watches(self, resource: ResourceLike | None = None) -> int:
+        """Arm the open watch streams (of one resource, or all) to break in the middle of their next
+        event (half a line, then the connection closes); returns how many were armed."""
+        return self.emulator.cut_watches(resource)
+
+    def open_watches(self, resource: ResourceLike | None = None) -> int:
+        """The number of open watch streams (of one resource, or all)."""
+        return self.emulator.open_watches(resource)
 
     async def __aenter__(self) -> Self:
         if self._runner is None:
@@ -294,8 +422,36 @@ class ApiServerThread:
         finally:
             loop.close()
 
-    def listen(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> str:
-        return self.run(self.server.listen(host, port, sock))
+    def listen(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sock: socket.socket | None = None,
+        sock_factory: SocketFactory | None = None,
+    ) -> str:
+        return self.run(self.server.listen(host, port, sock, sock_factory))
+
+    def pause(self) -> None:
+        """See :meth:`ApiServer.pause`; the store helpers below keep working meanwhile."""
+        self.run(self.server.pause())
+
+    def resume(self, *, keep_watch_cache: bool = False) -> None:
+        self.run(self.server.resume(keep_watch_cache=keep_watch_cache))
+
+    def drop_connections(self) -> int:
+        return self.call(self.server.drop_connections)
+
+    def fail_requests(self, status: int, retry_after: int | None = None) -> None:
+        self.call(self.server.fail_requests, status, retry_after)
+
+    def clear_faults(self) -> None:
+        self.call(self.server.clear_faults)
+
+    def cut_watches(self, resource: ResourceLike | None = None) -> int:
+        return self.call(self.server.cut_watches, resource)
+
+    def open_watches(self, resource: ResourceLike | None = None) -> int:
+        return self.call(self.server.open_watches, resource)
 
     def stop(self, timeout: float = 30.0) -> None:
         loop, thread = self._loop, self._thread

@@ -12,6 +12,7 @@ import gzip
 import importlib.resources
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator
 from typing import NoReturn
@@ -40,6 +41,33 @@ logger = logging.getLogger("kvswitch_testbed.apiserver")
 
 class _Emulate(Exception):
     """Raised by our fallback reaction: no user reaction took the request, so the emulator serves it."""
+
+
+@attrs.frozen
+class Fault:
+    """An API server in trouble: every request is answered with ``status`` (500, 429, 503...) and a
+    Status body as kube-apiserver words it; a 429 carries ``Retry-After`` (whole seconds, as the
+    real one sends it) and ``details.retryAfterSeconds``."""
+
+    status: int
+    retry_after: int | None = None
+
+    def response(self) -> aiohttp.web.Response:
+        reason, message = {
+            429: ("TooManyRequests", "Too many requests, please try again later."),
+            500: ("InternalError", "Internal error occurred: injected fault"),
+            503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+        }.get(self.status, ("InternalError", f"injected fault {self.status}"))
+        details: JSON = {}
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:
+            details["retryAfterSeconds"] = self.retry_after
+            headers["Retry-After"] = str(self.retry_after)
+        body = {
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "details": details, "code": self.status,
+        }  # fmt: skip
+        return aiohttp.web.json_response(body, status=self.status, headers=headers)
 
 
 def _protobuf_fields(buf: bytes) -> Iterator[tuple[int, bytes | int]]:
@@ -119,6 +147,10 @@ class Emulator(Discovery):
     max_recorded_requests: int = 20_000  # requests kept for KMock's assertions (KMock keeps all)
 
     failures: list[Exception] = attrs.field(factory=list, init=False)  # unexpected ones, answered with 500
+    # Fault injection (see ApiServer.fail_requests): while set, every request gets this answer.
+    fault: Fault | None = attrs.field(default=None, init=False)
+    faulted: int = attrs.field(default=0, init=False)  # requests answered by a fault so far
+    _user_reactions_seen: tuple[int, bool] = attrs.field(default=(-1, False), init=False)
 
     def __attrs_post_init__(self) -> None:
         # KubernetesEmulator's own fallbacks store objects as sent and are skipped; the scaffold's
@@ -145,6 +177,9 @@ class Emulator(Discovery):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """KMock's entry point with our URL parser and Status errors that do not pile up in memory."""
         raw_response: aiohttp.web.StreamResponse | None = None
+        if self.fault is not None:
+            self.faulted += 1
+            return self.fault.response()
         try:
             request = await self._parse(raw_request)
             self._requests.append(request)
@@ -235,6 +270,15 @@ class Emulator(Discovery):
             return raw_response
         return aiohttp.web.json_response(status, status=exc.status)
 
+    def _user_reactions(self) -> bool:
+        """Whether any reaction was added through KMock's DSL (fallbacks have a -inf priority);
+        computed again only when the number of reactions changes (priorities cost a tree walk)."""
+        count = len(self._payloads)
+        if self._user_reactions_seen[0] != count:
+            found = any(not p.priorities or p.priorities[0] != -math.inf for p in self._payloads)
+            self._user_reactions_seen = (count, found)
+        return self._user_reactions_seen[1]
+
     def _is_api_request(self, request: kmock.Request) -> bool:
         return request.resource is not None and request.resource.plural is not None
 
@@ -243,6 +287,10 @@ class Emulator(Discovery):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         # Skip KubernetesEmulator._handle: it mutates the store as sent before any reaction runs.
+        if self._is_api_request(request) and not self._user_reactions():
+            # No DSL reaction can take it and no fallback before ours serves a resource path: skip
+            # KMock's matching (~7 ms of filter checks a request, which dominates a busy server's time).
+            return await self._emulate(request)
         try:
             return await kmock.RawHandler._handle(self, request)
         except _Emulate:

@@ -262,6 +262,12 @@ class Store(kmock.KubernetesEmulator):
     def unsubscribe(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
 
+    def reset_watch_cache(self) -> None:
+        """Forget the change log, as a restarted kube-apiserver does (its watch cache starts empty at
+        the current resourceVersion): a watch resuming from an older version gets 410 Gone and has to
+        list again. The objects and their resourceVersions (etcd's part) stay."""
+        self._log.clear()
+
     def close_watches(self) -> None:
         """End every watch stream cleanly (clients see EOF and reconnect): used at shutdown."""
         for watcher in self._watchers:

@@ -3,7 +3,8 @@
 Initial events (or none with ``sendInitialEvents=false``), resuming from a resourceVersion (410 Gone
 once it left the cache), ``timeoutSeconds``, BOOKMARK events when allowed, the initial-events-end
 bookmark of streaming lists, objects entering or leaving a selector as ADDED/DELETED, and one-row
-Tables for ``kubectl get -w``.
+Tables for ``kubectl get -w``. For fault injection, open streams can be armed to break in the middle
+of their next event (:meth:`Watches.cut_watches`), as a dying proxy or API server would.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import kmock
 
 from kvswitch_testbed import apiserver_tables as tables
 from kvswitch_testbed.apiserver_services import Services
-from kvswitch_testbed.apiserver_types import JSON, Filter, ResourceSpec, error
+from kvswitch_testbed.apiserver_types import JSON, Filter, ResourceLike, ResourceSpec, Watcher, error
 
 
 @attrs.define(kw_only=True)
@@ -26,6 +27,28 @@ class Watches(Services):
     """Serves ``?watch=true`` requests."""
 
     bookmark_interval: float = 10.0  # seconds between BOOKMARK events on idle watches that allow them
+
+    _streams: set[Watcher] = attrs.field(factory=set, init=False)  # the open watch streams' subscriptions
+    _cut_armed: set[Watcher] = attrs.field(factory=set, init=False)  # streams to break at their next event
+    cuts: int = attrs.field(default=0, init=False)  # streams broken mid-event so far
+
+    def open_watches(self, resource: ResourceLike | None = None) -> int:
+        """How many watch streams are open (of one resource, or of all)."""
+        ref = None if resource is None else self.spec(resource).ref
+        return sum(1 for w in self._streams if ref is None or w.ref == ref)
+
+    def cut_watches(self, resource: ResourceLike | None = None) -> int:
+        """Arm the open watch streams (of one resource, or all) to break in the middle of their next
+        event: the first half of its line goes out, then the connection closes without ending the
+        chunked body, so the client gets a truncated stream and that event only if it resumes from
+        its last resourceVersion. Returns how many streams were armed."""
+        ref = None if resource is None else self.spec(resource).ref
+        armed = {w for w in self._streams if ref is None or w.ref == ref}
+        self._cut_armed |= armed
+        return len(armed)
+
+    def disarm_cuts(self) -> None:
+        self._cut_armed.clear()
 
     def _bookmark(self, spec: ResourceSpec) -> JSON:
         return {
@@ -77,6 +100,7 @@ class Watches(Services):
         # Synchronous: take the backlog and subscribe at the same instant, so no change is lost or doubled.
         backlog, gone = self._backlog(spec, flt, params)
         watcher = self.subscribe(spec)
+        self._streams.add(watcher)
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         loop = asyncio.get_running_loop()
@@ -113,10 +137,26 @@ class Watches(Services):
                 if change is None:
                     break
                 if event := flt.event(change):
-                    await response.write(line(*event))
+                    data = line(*event)
+                    if watcher in self._cut_armed:
+                        await self._cut(request, response, data)
+                    await response.write(data)
             await response.write_eof()
         except ConnectionError:
-            pass  # the client went away
+            pass  # the client went away (or the stream was cut)
         finally:
             self.unsubscribe(watcher)
+            self._streams.discard(watcher)
+            self._cut_armed.discard(watcher)
         return response
+
+    async def _cut(self, request: kmock.Request, response: aiohttp.web.StreamResponse, data: bytes) -> None:
+        """Send half of an event line as a chunk of its own, then close the connection (its buffered
+        bytes are flushed first) without the final chunk."""
+        await response.write(data[: len(data) // 2])
+        self.cuts += 1
+        assert request._raw_request is not None
+        transport = request._raw_request.transport
+        if transport is not None:
+            transport.close()
+        raise ConnectionResetError("watch stream cut mid-event (fault injection)")

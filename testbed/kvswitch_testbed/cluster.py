@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import re
@@ -177,8 +178,10 @@ class Cluster:
         # kube-controller-manager's part: EndpointSlices of Services, in the API server's loop.
         self.endpointslices = EndpointSliceController(self.api.server)
         self.api.run(self.endpointslices.start())
-        sock = netns_socket(self.bed.underlay_ns, socket.AF_INET, socket.SOCK_STREAM)
-        self.api.listen(host=API_IP, port=API_PORT, sock=sock)  # for the agents, over the underlay
+        # for the agents, over the underlay; the factory lets the API server stop and start again
+        # on this address (ApiServerThread.pause/resume: outage tests)
+        underlay = functools.partial(netns_socket, self.bed.underlay_ns, socket.AF_INET, socket.SOCK_STREAM)
+        self.api.listen(host=API_IP, port=API_PORT, sock_factory=underlay)
         self.kube = KubeClient(local_url)
         write_kubeconfig(self.workdir / "kubeconfig", f"http://{API_IP}:{API_PORT}")
         write_kubeconfig(self.workdir / "kubeconfig.local", local_url)
@@ -339,12 +342,27 @@ class Cluster:
         labels: dict[str, str] | None = None,
         containers: list[dict[str, Any]] | None = None,
     ) -> ClusterPod:
+        obj = self.create_pod_object(node, name, namespace, labels, containers)
+        cp = self.attach_pod(node, obj)
+        self._patch_pod_status(cp, self._running_status(cp, obj, ready=True))
+        return cp
+
+    def create_pod_object(
+        self,
+        node: Node,
+        name: str,
+        namespace: str = "default",
+        labels: dict[str, str] | None = None,
+        containers: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """The API part of :meth:`add_pod` before the kubelet acts: the pod, scheduled to ``node``
+        (and its namespace if missing)."""
         if self.client.get(f"/api/v1/namespaces/{namespace}") is None:
             self.client.create(
                 "/api/v1/namespaces",
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
             )
-        obj = self.client.create(
+        obj: dict[str, Any] = self.client.create(
             pods_path(namespace),
             {
                 "apiVersion": "v1",
@@ -356,7 +374,14 @@ class Cluster:
                 },
             },
         )
-        uid = obj["metadata"].get("uid") or str(uuid.uuid4())
+        return obj
+
+    def attach_pod(self, node: Node, obj: Mapping[str, Any]) -> ClusterPod:
+        """The runtime's part of :meth:`add_pod` for the pod object ``obj``: the sandbox and CNI ADD,
+        no API call (a kubelet that already has the pod does this while the API is away too)."""
+        meta = obj["metadata"]
+        name, namespace = meta["name"], meta.get("namespace", "default")
+        uid = meta.get("uid") or str(uuid.uuid4())
         pod = self.bed.add_pod(node, f"{namespace}-{name}"[:40])
         cp = ClusterPod(name, namespace, node, pod, uid)
         att = self._attachment(cp)
@@ -364,8 +389,14 @@ class Cluster:
         cp.ip = next(ip["address"].split("/")[0] for ip in cp.result["ips"] if ":" not in ip["address"])
         pod.ip = cp.ip
         self.pods[(namespace, name)] = cp
-        self._patch_pod_status(cp, self._running_status(cp, obj, ready=True))
         return cp
+
+    def report_pod_running(self, cp: ClusterPod) -> dict[str, Any]:
+        """The kubelet's status write once the sandbox runs (what :meth:`add_pod` does last)."""
+        patched: dict[str, Any] = self._patch_pod_status(
+            cp, self._running_status(cp, self._pod_object(cp), ready=True)
+        )
+        return patched
 
     def _running_status(self, cp: ClusterPod, pod: Mapping[str, Any], *, ready: bool) -> dict[str, Any]:
         """What a kubelet reports once the sandbox is wired and the containers run."""
@@ -454,17 +485,26 @@ class Cluster:
 
     def delete_pod(self, cp: ClusterPod) -> None:
         """What the kubelet does: CNI DEL, remove the sandbox, then the API object goes."""
+        self.detach_pod(cp)
+        self.remove_pod_object(cp.namespace, cp.name)
+
+    def detach_pod(self, cp: ClusterPod) -> None:
+        """The runtime's part of :meth:`delete_pod`: CNI DEL and the sandbox gone, no API call."""
         with contextlib.suppress(Exception):
             self.conflist(cp.node).delete(self._attachment(cp), cp.result)
         self.bed.remove_pod(cp.pod)
-        path = f"{pods_path(cp.namespace)}/{cp.name}"
+        self.pods.pop((cp.namespace, cp.name), None)
+
+    def remove_pod_object(self, namespace: str, name: str) -> None:
+        """The API part of :meth:`delete_pod`: the kubelet's finalizer (if any) released, the pod gone."""
+        path = f"{pods_path(namespace)}/{name}"
         pod = self.client.get(path)
         finalizers = list(((pod or {}).get("metadata") or {}).get("finalizers") or [])
         if KUBELET_FINALIZER in finalizers:  # terminate_pod() held it
             finalizers.remove(KUBELET_FINALIZER)
             self.client.patch(path, {"metadata": {"finalizers": finalizers or None}})
         self.client.delete(path)
-        self.pods.pop((cp.namespace, cp.name), None)
+        self.pods.pop((namespace, name), None)
 
     # --- services: kube-apiserver allocates, the EndpointSlice controller follows the pods ------
 
