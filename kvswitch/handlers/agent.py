@@ -4,6 +4,10 @@ Event handlers only (no finalizers, no state annotations): many agents watch the
 none of them may block another's deletion. The node's own VSwitchConfig drives bridge, gateway,
 tunnel and host routes; every other node's config becomes a tunnel route; Pods of this node tell
 which attachments are gone; all Pods, Namespaces and NetworkPolicies feed the policy flows.
+
+While the API server is away the datapath stays as it is (only the CNI changes pods' own flows);
+kopf and our own calls retry until it is back (kvswitch.kube), and objects deleted meanwhile that
+no watch reports are found by listing again (kvswitch.handlers.relist).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any, cast
 import kopf
 
 from kvswitch.config import GROUP, PLURAL, VERSION, AgentSettings, InvalidConfig, parse_spec
-from kvswitch.kube import VSwitchConfigs, api_client
+from kvswitch.handlers.relist import Kind, KnownObjects, RelistSweeper, Stub
+from kvswitch.kube import VSwitchConfigs, api_client, list_objects, ride_out_api_outages
 from kvswitch.node.agent import NodeAgent
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 from kvswitch.services.model import UntranslatableService
@@ -24,6 +29,10 @@ from kvswitch.status import merge_condition, ready_condition
 
 log = logging.getLogger(__name__)
 SETTINGS = AgentSettings.from_env()
+# The resources the agent follows (kopf watches them; start-up and relist sweeps list them).
+VSWITCHCONFIGS, PODS, NAMESPACES = f"/apis/{GROUP}/{VERSION}/{PLURAL}", "/api/v1/pods", "/api/v1/namespaces"
+NETWORKPOLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
+SERVICES, ENDPOINTSLICES = "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"
 
 
 @kopf.on.startup()
@@ -32,33 +41,78 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # Pods are watched cluster-wide: NetworkPolicy peers live on every node.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 4
+    ride_out_api_outages(settings)
     api = await api_client()
     configs = VSwitchConfigs(api)
     agent = NodeAgent(SETTINGS)
-    memo.api, memo.configs, memo.agent = api, configs, agent
+    known = KnownObjects()
+    memo.api, memo.configs, memo.agent, memo.known = api, configs, agent, known
+    memo.sweeper = relist_sweeper(api, agent, known)
+    # The start-up lists wait for the API (kvswitch.kube.call_api): the old round's flows stay.
     await agent.start()
     # Apply every known config before the old flow round is removed: no window without routes.
     for obj in await configs.list():
+        known.record(VSWITCHCONFIGS, obj, deleted=False)
         await apply_config(agent, configs, obj)
     # Policies before the old round goes: a restarted agent never opens an isolated pod.
-    await load_policy_inputs(api, agent)
+    await load_policy_inputs(api, agent, known)
     await agent.sync_ports()
     await agent.apply_policy()
     # Services too: established connections through a Service keep their endpoints' flows.
-    await load_services(api, agent)
+    await load_services(api, agent, known)
     await agent.apply_services()
     await agent.finish_startup()
 
 
-async def load_services(api: Any, agent: NodeAgent) -> None:
-    from kubernetes_asyncio import client
+def relist_sweeper(api: Any, agent: NodeAgent, known: KnownObjects) -> RelistSweeper:
+    """Deletions for the objects that vanished while a watch was away (see kvswitch.handlers.relist)."""
 
-    core, discovery = client.CoreV1Api(api), client.DiscoveryV1Api(api)
-    for service in (await core.list_service_for_all_namespaces()).items:
-        _service(agent, api.sanitize_for_serialization(service), deleted=False, warn=False)
-    for eps in (await discovery.list_endpoint_slice_for_all_namespaces()).items:
-        raw = api.sanitize_for_serialization(eps)
-        agent.set_endpoint_slice(_key(raw), raw)
+    def lister(path: str) -> Any:
+        return lambda: list_objects(api, path)
+
+    async def forget_config(stub: Stub) -> None:
+        await agent.set_remote(stub["metadata"]["name"], None)
+
+    async def forget_pod(stub: Stub) -> None:
+        await _on_pod(agent, stub, deleted=True)
+
+    async def forget_namespace(stub: Stub) -> None:
+        _namespace(agent, stub, deleted=True)
+
+    async def forget_policy(stub: Stub) -> None:
+        _policy(agent, stub, deleted=True)
+
+    async def forget_service(stub: Stub) -> None:
+        _service(agent, stub, deleted=True)
+
+    async def forget_slice(stub: Stub) -> None:
+        agent.set_endpoint_slice(_key(stub), None)
+
+    kinds = {
+        VSWITCHCONFIGS: Kind(lister(VSWITCHCONFIGS), forget_config),
+        PODS: Kind(lister(PODS), forget_pod),
+        NAMESPACES: Kind(lister(NAMESPACES), forget_namespace),
+        NETWORKPOLICIES: Kind(lister(NETWORKPOLICIES), forget_policy),
+        SERVICES: Kind(lister(SERVICES), forget_service),
+        ENDPOINTSLICES: Kind(lister(ENDPOINTSLICES), forget_slice),
+    }
+    return RelistSweeper(known, kinds)
+
+
+def _seen(memo: kopf.Memo, kind: str, event: kopf.RawEvent) -> None:
+    """Record an event; a listing event (type None) means kopf listed again: sweep for deletions."""
+    memo.known.record(kind, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
+    if event["type"] is None:
+        memo.sweeper.trigger()
+
+
+async def load_services(api: Any, agent: NodeAgent, known: KnownObjects) -> None:
+    for service in await list_objects(api, SERVICES):
+        known.record(SERVICES, service, deleted=False)
+        _service(agent, service, deleted=False, warn=False)
+    for eps in await list_objects(api, ENDPOINTSLICES):
+        known.record(ENDPOINTSLICES, eps, deleted=False)
+        agent.set_endpoint_slice(_key(eps), eps)
 
 
 def report_slow_callbacks(ms: str | None) -> None:
@@ -71,20 +125,16 @@ def report_slow_callbacks(ms: str | None) -> None:
         loop.slow_callback_duration = int(ms) / 1000
 
 
-async def load_policy_inputs(api: Any, agent: NodeAgent) -> None:
-    from kubernetes_asyncio import client
-
-    core, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
-    pods = [
-        PodInfo.parse(api.sanitize_for_serialization(p))
-        for p in (await core.list_pod_for_all_namespaces()).items
-    ]
-    nss = [
-        NamespaceInfo.parse(api.sanitize_for_serialization(n)) for n in (await core.list_namespace()).items
-    ]
-    policies = []
-    for obj in (await net.list_network_policy_for_all_namespaces()).items:
-        raw = api.sanitize_for_serialization(obj)
+async def load_policy_inputs(api: Any, agent: NodeAgent, known: KnownObjects) -> None:
+    pods, nss, policies = [], [], []
+    for raw in await list_objects(api, PODS):
+        known.record(PODS, raw, deleted=False)
+        pods.append(PodInfo.parse(raw))
+    for raw in await list_objects(api, NAMESPACES):
+        known.record(NAMESPACES, raw, deleted=False)
+        nss.append(NamespaceInfo.parse(raw))
+    for raw in await list_objects(api, NETWORKPOLICIES):
+        known.record(NETWORKPOLICIES, raw, deleted=False)
         try:
             policies.append(Policy.parse(raw))
         except (KeyError, ValueError, TypeError) as exc:
@@ -94,6 +144,8 @@ async def load_policy_inputs(api: Any, agent: NodeAgent) -> None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    if "sweeper" in memo:
+        await memo.sweeper.close()
     if "agent" in memo:
         await memo.agent.stop()
     if "api" in memo:
@@ -153,6 +205,7 @@ async def report(
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def vswitchconfig_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen(memo, VSWITCHCONFIGS, event)
     obj = dict(cast(dict[str, Any], event["object"]))
     if event["type"] == "DELETED":
         await memo.agent.set_remote(obj["metadata"]["name"], None)
@@ -162,34 +215,41 @@ async def vswitchconfig_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
 
 @kopf.on.event("pods")
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    obj = cast(dict[str, Any], event["object"])
-    deleted = event["type"] == "DELETED"
-    _pod(memo.agent, obj, deleted)
+    _seen(memo, PODS, event)
+    await _on_pod(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
+
+
+async def _on_pod(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
+    _pod(agent, obj, deleted)
     meta, node = obj["metadata"], (obj.get("spec") or {}).get("nodeName")
     if node == SETTINGS.node_name:
         if deleted:
-            await memo.agent.pod_deleted(meta.get("namespace", ""), meta["name"])
+            await agent.pod_deleted(meta.get("namespace", ""), meta["name"])
         else:
-            await memo.agent.pod_present(meta.get("namespace", ""), meta["name"])
+            await agent.pod_present(meta.get("namespace", ""), meta["name"])
 
 
 @kopf.on.event("namespaces")
 async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen(memo, NAMESPACES, event)
     _namespace(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies")
 async def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen(memo, NETWORKPOLICIES, event)
     _policy(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
 
 
 @kopf.on.event("", "v1", "services")
 async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen(memo, SERVICES, event)
     _service(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
 
 
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
 async def endpointslice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen(memo, ENDPOINTSLICES, event)
     obj = cast(dict[str, Any], event["object"])
     memo.agent.set_endpoint_slice(_key(obj), None if event["type"] == "DELETED" else obj)
 

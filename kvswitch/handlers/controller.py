@@ -11,9 +11,10 @@ import json
 from typing import Any, cast
 
 import kopf
+from kubernetes_asyncio import client
 
 from kvswitch.config import GROUP, KIND, PLURAL, VERSION, ControllerSettings
-from kvswitch.kube import VSwitchConfigs, api_client
+from kvswitch.kube import REQUEST_TIMEOUT, VSwitchConfigs, api_client, call_api, ride_out_api_outages
 
 SETTINGS = ControllerSettings.from_env()
 LAST_APPLIED = f"{GROUP}/controller-applied"
@@ -75,6 +76,7 @@ def spec_patch(
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = 30  # warnings and errors become Events
+    ride_out_api_outages(settings)
     memo.api = await api_client()
     memo.configs = VSwitchConfigs(memo.api)
 
@@ -94,19 +96,26 @@ async def ensure_config(configs: VSwitchConfigs, node: dict[str, Any]) -> None:
         return
     current = await configs.get(name)
     if current is None:
-        await configs.create({
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "metadata": {
-                "name": name,
-                "annotations": {LAST_APPLIED: json.dumps(desired, sort_keys=True)},
-                "ownerReferences": [{
-                    "apiVersion": "v1", "kind": "Node", "name": name, "uid": node["metadata"]["uid"],
-                    "controller": True, "blockOwnerDeletion": False,
-                }],
-            },
-            "spec": desired,
-        })  # fmt: skip
+        try:
+            await configs.create({
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "metadata": {
+                    "name": name,
+                    "annotations": {LAST_APPLIED: json.dumps(desired, sort_keys=True)},
+                    "ownerReferences": [{
+                        "apiVersion": "v1", "kind": "Node", "name": name, "uid": node["metadata"]["uid"],
+                        "controller": True, "blockOwnerDeletion": False,
+                    }],
+                },
+                "spec": desired,
+            })  # fmt: skip
+        except client.ApiException as exc:
+            # Created meanwhile: by an earlier attempt whose answer was lost, or another replica.
+            if exc.status != 409:
+                raise
+            await ensure_config(configs, node)
+            return
         kopf.info(
             cast(kopf.Body, node), reason="VSwitchConfigCreated", message=f"created VSwitchConfig {name}"
         )
@@ -140,13 +149,15 @@ async def vswitchconfig_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     name = cast(dict[str, Any], event["object"])["metadata"]["name"]
     core = kopf_core_api(memo)
     try:
-        node = await core.read_node(name)
-    except Exception:
-        return
+        node = await call_api(
+            f"read Node {name}", lambda: core.read_node(name, _request_timeout=REQUEST_TIMEOUT)
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return  # no Node, no config
+        raise
     await ensure_config(memo.configs, memo.api.sanitize_for_serialization(node))
 
 
 def kopf_core_api(memo: kopf.Memo) -> Any:
-    from kubernetes_asyncio import client
-
     return client.CoreV1Api(memo.api)
