@@ -28,7 +28,6 @@ from kvswitch.ovs.pipeline import (
     CATEGORY_MASK,
     CATEGORY_SHIFT,
     OWNER_MASK,
-    POLICY_OWNER,
     Category,
     Owner,
     owner_hash,
@@ -76,6 +75,12 @@ def owner_filter(owner: Owner) -> str:
     return f"cookie={value:#x}/{CATEGORY_MASK | OWNER_MASK:#x}"
 
 
+def category_filter(category: Category) -> str:
+    """``cookie=value/mask`` selecting every flow of ``category`` (policy flows are spread over
+    many owners)."""
+    return f"cookie={int(category) << CATEGORY_SHIFT:#x}/{CATEGORY_MASK:#x}"
+
+
 def dump(ovs: NodeOvs, *filters: str) -> list[FlowStat]:
     text = ovs.ofctl("dump-flows", ovs.bridge, ",".join(filters))
     out = []
@@ -97,11 +102,11 @@ def pod_flows(ovs: NodeOvs, pod: PodPort) -> list[FlowStat]:
     policy: dict[tuple[int, int, str], FlowStat] = {}
     if pod.ip:
         for field in ("nw_src", "nw_dst"):
-            for f in dump(ovs, owner_filter(POLICY_OWNER), f"ip,{field}={pod.ip}"):
+            for f in dump(ovs, category_filter(Category.POLICY), f"ip,{field}={pod.ip}"):
                 policy[(f.table, f.priority, f.match)] = f
         conj_ids = sorted({int(c) for f in policy.values() for c in _CONJ.findall(f.actions)})
         for cid in conj_ids:
-            for f in dump(ovs, owner_filter(POLICY_OWNER), f"conj_id={cid}"):
+            for f in dump(ovs, category_filter(Category.POLICY), f"conj_id={cid}"):
                 policy[(f.table, f.priority, f.match)] = f
     tagged = [FlowStat(**{**f.__dict__, "why": "policy"}) for f in policy.values()]
     return sorted(own + tagged, key=lambda f: (f.table, -f.priority, f.match))
