@@ -97,6 +97,7 @@ def test_agent_exposition_parses_and_counts_the_pods(cluster: Cluster) -> None:
         m, "kvswitch_ovs_bundle_duration_seconds_count"
     )
     assert value(m, "kvswitch_ovs_bundle_errors_total") == 0
+    assert value(m, "kvswitch_policy_computation_seconds_count") > 0
     resyncs = value(m, "kvswitch_flow_resyncs_total", result="clean") + value(
         m, "kvswitch_flow_resyncs_total", result="repaired"
     )

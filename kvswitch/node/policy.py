@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from kvswitch import metrics
 from kvswitch.datapath import LocalPod
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.pipeline import Owner
@@ -69,12 +70,13 @@ class PolicyInputs:
         changed since :meth:`installed` was last called: the full desired flows of each owner
         (a bucket of the flow keys) whose flows changed. Recomputes only what the events since
         touched. Returned again until :meth:`installed` confirms them."""
-        for key in self._local_keys:
-            pod = self._effective(key)
-            if pod != self.state.pods.get(key):
-                self.state.set_pod(key, pod)
-        self.table.update(p for k in self._local_keys if (p := self.state.pods.get(k)) is not None)
-        return self.table.pending()
+        with metrics.POLICY_COMPUTATION.time():
+            for key in self._local_keys:
+                pod = self._effective(key)
+                if pod != self.state.pods.get(key):
+                    self.state.set_pod(key, pod)
+            self.table.update(p for k in self._local_keys if (p := self.state.pods.get(k)) is not None)
+            return self.table.pending()
 
     def installed(self) -> None:
         """What :meth:`flow_changes` last returned is in OVS."""
