@@ -44,9 +44,13 @@ if [ "${1:-}" = "--base-only" ]; then exit 0; fi
 
 secret=""
 if [ -n "$PIP_CA" ] && [ -s "$PIP_CA" ]; then secret="--secret=id=pip-ca,src=$PIP_CA"; fi
+old=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 start=$(date +%s)
 # --pull=never: the base must be the local one (no registry here); --layers: reuse unchanged steps.
 # shellcheck disable=SC2086
 podman build --pull=never --layers --network=host $secret -t "$IMAGE" "$ROOT"
+# The image this build replaced is only cache now (its layers stay shared where unchanged).
+new=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$old" ] && [ "$old" != "$new" ]; then podman rmi "$old" >/dev/null 2>&1 || true; fi
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "build-image: $IMAGE built in $(( $(date +%s) - start ))s, $(( size / 1000000 )) MB"
