@@ -179,6 +179,8 @@ class ControllerSettings(BaseModel):
     mtu: int | None = Field(default=None, ge=576, le=9216)
     metrics_port: int = Field(default=9466, ge=0, le=65535)  # Prometheus /metrics; 0 = off
     metrics_address: str = ""  # "" = every address
+    # Written into every VSwitchConfig (a node's own edit of spec.telemetry wins): None, none.
+    telemetry: TelemetrySpec | None = None
 
     @classmethod
     def from_env(cls) -> ControllerSettings:
@@ -194,6 +196,15 @@ class ControllerSettings(BaseModel):
         ]:
             if (v := _env(var)) is not None:
                 values[field] = v
+        telemetry: dict[str, dict[str, Any]] = {}
+        for exporter in ("sflow", "ipfix"):
+            collector = _env(f"KVSWITCH_{exporter.upper()}_COLLECTOR")
+            if collector is not None:
+                telemetry[exporter] = {"collector": collector}
+                if (rate := _env(f"KVSWITCH_{exporter.upper()}_SAMPLING")) is not None:
+                    telemetry[exporter]["sampling"] = int(rate)
+        if telemetry:
+            values["telemetry"] = telemetry
         return cls.model_validate(values)
 
 

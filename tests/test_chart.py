@@ -216,6 +216,8 @@ NON_DEFAULT = (
     "metrics.agentPort=19465",
     "metrics.controllerPort=19466",
     "metrics.podAnnotations=false",
+    "telemetry.sflow.collector=192.0.2.50:6343",
+    "telemetry.sflow.sampling=128",
 )
 RENDERINGS = {
     "defaults": ((), "kube-system", None),
@@ -620,6 +622,36 @@ class TestMetrics:
             assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
             assert mon["spec"]["namespaceSelector"] == {"matchNames": ["kube-system"]}
             assert mon["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+
+
+class TestTelemetry:
+    """telemetry.* values reach the controller, which writes them into every VSwitchConfig."""
+
+    def test_collectors_reach_the_controllers_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        sets = ("telemetry.sflow.collector=10.0.0.5:6343", "telemetry.ipfix.collector=10.0.0.5:4739",
+                "telemetry.ipfix.sampling=7")  # fmt: skip
+        data = one(render(*sets), "ConfigMap", "k-vswitch-controller")["data"]
+        for name, value in data.items():
+            monkeypatch.setenv(name, value)
+        telemetry = ControllerSettings.from_env().telemetry
+        assert telemetry is not None and telemetry.sflow is not None and telemetry.ipfix is not None
+        assert (telemetry.sflow.collector, telemetry.sflow.sampling) == ("10.0.0.5:6343", 64)
+        assert (telemetry.ipfix.collector, telemetry.ipfix.sampling) == ("10.0.0.5:4739", 7)
+
+    def test_off_by_default(self) -> None:
+        data = one(render(), "ConfigMap", "k-vswitch-controller")["data"]
+        assert not [k for k in data if "SFLOW" in k or "IPFIX" in k]
+        assert ControllerSettings().telemetry is None
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            ("telemetry.sflow.collector=10.0.0.5", "'/telemetry/sflow/collector': '10.0.0.5' does not match"),
+            ("telemetry.ipfix.sampling=0", "'/telemetry/ipfix/sampling': minimum: got 0, want 1"),
+        ],
+    )
+    def test_bad_values_are_refused(self, value: str, expected: str) -> None:
+        assert expected in render_fails(value)
 
 
 def test_rendering_is_json_serialisable() -> None:

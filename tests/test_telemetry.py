@@ -20,7 +20,8 @@ from kvswitch_testbed.kubeclient import ApiError
 from kvswitch_testbed.netns import in_netns
 from kvswitch_testbed.probes import LoopThread, ping
 
-from kvswitch.config import InvalidConfig, parse_spec
+from kvswitch.config import ControllerSettings, InvalidConfig, parse_spec
+from kvswitch.handlers.controller import desired_spec, spec_patch
 from tests.conftest import register_run
 from tests.test_chart import CRDS, load_yaml
 
@@ -72,10 +73,18 @@ def cluster() -> Iterator[Cluster]:
         assert shutil.which(tool), f"{tool} missing: make setup installs nfdump and nfdump-sflow"
     c = Cluster(nodes=2, overlay="vxlan")
     register_run(c.bed.run_id)
-    with c:
+    # The controller's cluster-wide default (the chart's telemetry.* values reach it the same way,
+    # through its ConfigMap): the processes inherit this environment.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KVSWITCH_SFLOW_COLLECTOR", SFLOW)
+        env.setenv("KVSWITCH_SFLOW_SAMPLING", "32")
+        c.start()
+    try:
         for node in c.bed.nodes.values():
             c.add_pod(node, f"{node.name}-p0")
         yield c
+    finally:
+        c.stop()
 
 
 def set_telemetry(c: Cluster, telemetry: dict[str, object] | None) -> None:
@@ -107,6 +116,33 @@ def traffic(c: Cluster, a: ClusterPod, b: ClusterPod) -> None:
     with LoopThread() as loop:
         assert loop.run(ping(a.netns, b.ip, count=40, interval=0.05))
         assert loop.run(ping(b.netns, a.ip, count=40, interval=0.05))
+
+
+def test_the_controllers_default_reaches_every_node(cluster: Cluster) -> None:
+    for node in cluster.bed.nodes:
+        assert (cluster.vswitchconfig(node) or {})["spec"]["telemetry"] == {
+            "sflow": {"collector": SFLOW, "sampling": 32}
+        }
+        ex = exporters(cluster, node)
+        assert set(ex) == {"sflow"} and ex["sflow"]["sampling"] == "32", ex
+
+
+def test_a_nodes_own_telemetry_wins_over_the_controllers() -> None:
+    settings = ControllerSettings(telemetry={"sflow": {"collector": SFLOW, "sampling": 32}})
+    node = {"metadata": {"name": "n1", "uid": "u1"}, "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.250.0.11"}]}}  # fmt: skip
+    desired = desired_spec(node, settings)
+    assert desired["telemetry"] == {"sflow": {"collector": SFLOW, "sampling": 32}}
+    assert parse_spec(desired).telemetry == settings.telemetry
+    edited = {**desired, "telemetry": {"ipfix": {"collector": IPFIX}}}  # kubectl edit vsc n1
+    patch, owned = spec_patch(edited, desired, desired)
+    assert "telemetry" not in patch and owned["telemetry"] == desired["telemetry"]
+    removed = {k: v for k, v in desired.items() if k != "telemetry"}  # the user removed it
+    patch, _ = spec_patch(removed, desired, desired)
+    assert "telemetry" not in patch
+    # the default dropped from the chart: the controller takes back what it wrote, nothing else
+    patch, _ = spec_patch(desired, desired, desired_spec(node, ControllerSettings()))
+    assert patch == {"telemetry": None}
 
 
 def test_sflow_and_ipfix_collectors_receive_pod_traffic(cluster: Cluster, tmp_path: Path) -> None:

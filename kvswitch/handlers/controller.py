@@ -1,8 +1,9 @@
 """k-vswitch-controller: exactly one VSwitchConfig per Node (``kopf run -m kvswitch.handlers.controller``).
 
 The spec is derived from the Node (podCIDR, InternalIP/ExternalIP) and the controller's settings.
-Users tune the overlay by editing ``overlayType``, ``overlayIP`` and ``mtu``: the controller records
-what it last wrote in an annotation and leaves a field alone once it differs from that (a user edit).
+Users tune a node by editing ``overlayType``, ``overlayIP``, ``mtu`` and ``telemetry``: the controller
+records what it last wrote in an annotation and leaves a field alone once it differs from that (a
+user edit).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kvswitch.kube import REQUEST_TIMEOUT, VSwitchConfigs, api_client, call_api,
 
 SETTINGS = ControllerSettings.from_env()
 LAST_APPLIED = f"{GROUP}/controller-applied"
-USER_TUNABLE = ("overlayType", "overlayIP", "mtu")
+USER_TUNABLE = ("overlayType", "overlayIP", "mtu", "telemetry")
 
 
 class NodeNotReady(Exception):
@@ -51,6 +52,8 @@ def desired_spec(node: dict[str, Any], settings: ControllerSettings) -> dict[str
     }
     if settings.mtu is not None:
         spec["mtu"] = settings.mtu
+    if settings.telemetry is not None:
+        spec["telemetry"] = settings.telemetry.model_dump(by_alias=True, exclude_unset=True, mode="json")
     return spec
 
 
