@@ -128,7 +128,9 @@ def test_the_controllers_default_reaches_every_node(cluster: Cluster) -> None:
 
 
 def test_a_nodes_own_telemetry_wins_over_the_controllers() -> None:
-    settings = ControllerSettings(telemetry={"sflow": {"collector": SFLOW, "sampling": 32}})
+    settings = ControllerSettings.model_validate(
+        {"telemetry": {"sflow": {"collector": SFLOW, "sampling": 32}}}
+    )
     node = {"metadata": {"name": "n1", "uid": "u1"}, "spec": {"podCIDR": "10.244.1.0/24"},
             "status": {"addresses": [{"type": "InternalIP", "address": "10.250.0.11"}]}}  # fmt: skip
     desired = desired_spec(node, settings)
