@@ -452,6 +452,8 @@ class TestNodePortFromOutside:
             assert name == "b2"
             # masqueraded by the node the client reached, so replies go back the same way
             assert peer == sbed.gateway_ip(node), (node.name, peer)
+            # and from the node itself, to its own address
+            assert (await ask_tcp(node.netns, node.underlay_ip, 30081)).startswith("b2"), node.name
 
     async def test_local_policy_keeps_the_client_ip_and_only_nodes_with_endpoints_answer(
         self, sbed: ServiceBed, pods: dict[str, Pod]
