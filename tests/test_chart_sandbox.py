@@ -69,13 +69,7 @@ class Ran:
 
 # Product defects that only show in the chart's pods, by the text they leave: each is a bug to fix in
 # kvswitch/, not a limit of the sandbox. Remove an entry with its fix.
-KNOWN_DEFECTS = {
-    "Read-only file system: '/proc/sys/net/ipv4/conf/": (
-        "kvswitch/kernel/host.py ensure_no_redirects writes net.ipv4.conf.*.send_redirects through "
-        "/proc/sys, which is read-only in the chart's agent pod (not privileged; a hostNetwork pod gets "
-        "no sysctls): the agent fails its host setup and never turns Ready"
-    ),
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -258,15 +252,6 @@ class TestChartInTheSandbox:
         left = podman("ps", "-aq", "--filter", f"label=io.kvswitch.testbed.run={ran.cluster.bed.run_id}")
         assert left.stdout.strip() == ""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "kvswitch/node/datapath.py runs `ovs-appctl -t ovs-vswitchd`, which reads ovs-vswitchd.pid and "
-            "checks its lock owner's pid: from a pod without hostPID that owner is invisible "
-            "('stale pidfile'), so UDP conntrack flushes and megaflow purges fail in the chart's pod; "
-            "the agent should open ovs-vswitchd.<pid>.ctl in the OVS run dir itself"
-        ),
-    )
     def test_agent_pod_reaches_ovs_vswitchd_control_socket(self, ran: Ran) -> None:
         ran.require_up()
         assert ran.cluster.appctl_check is not None

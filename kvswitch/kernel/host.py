@@ -9,10 +9,13 @@ something. They take an open :class:`~kvswitch.kernel.rtnl.Rtnl` of the namespac
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 
 from kvswitch.kernel.netns import read_sysctl, write_sysctl
 from kvswitch.kernel.rtnl import RT_SCOPE_LINK, RT_TABLE_MAIN, RTPROT_STATIC, Link, RouteEntry, Rtnl
+
+log = logging.getLogger(__name__)
 
 
 def _link(rtnl: Rtnl, ifname: str) -> Link:
@@ -105,7 +108,11 @@ def ensure_no_redirects(netns: int | str | None, ifname: str) -> bool:
     changed = False
     for key in ("net.ipv4.conf.all.send_redirects", f"net.ipv4.conf.{ifname}.send_redirects"):
         if read_sysctl(netns, key) != "0":
-            write_sysctl(netns, key, "0")
+            try:
+                write_sysctl(netns, key, "0")
+            except OSError as exc:  # /proc/sys is read-only in an unprivileged pod
+                log.warning("cannot set %s=0 (%s): set it on the node (docs/install.md)", key, exc)
+                continue
             changed = True
     return changed
 

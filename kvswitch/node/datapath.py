@@ -8,16 +8,15 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kvswitch.cni.contract import ID_IP, ID_MAC, ID_OWNER, ID_POD_NAME, ID_POD_NAMESPACE, PLUGIN_NAME
 from kvswitch.config import AgentSettings, VSwitchConfigSpec
 from kvswitch.datapath import LocalPod, RemoteNode, node_flows, pod_flows, remote_node_flows
 from kvswitch.node.host import HostNetwork
 from kvswitch.node.telemetry import telemetry_commands
+from kvswitch.ovs.appctl import appctl
 from kvswitch.ovs.coherence import megaflow_purge_needed
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
@@ -278,18 +277,7 @@ class NodeDatapath:
             self.megaflow_purges += 1
 
     async def appctl(self, *args: str) -> str:
-        rundir = self.settings.ovs_rundir
-        ctl = Path(rundir) / "ovs-vswitchd.ctl" if rundir else None
-        target = str(ctl) if ctl is not None and ctl.exists() else "ovs-vswitchd"
-        env = {**os.environ, "OVS_RUNDIR": rundir} if rundir else None
-        proc = await asyncio.create_subprocess_exec(
-            "ovs-appctl", "-t", target, *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"ovs-appctl {args[0]}: {err.decode().strip() or out.decode().strip()}")
-        return out.decode()
+        return await appctl(self.settings.ovs_rundir, *args)
 
     # --- other nodes ----------------------------------------------------------------------
 
@@ -314,7 +302,10 @@ class NodeDatapath:
         ``known``: ports the caller has just seen (the CNI server, right after plugging one), in
         case this connection's copy of ovsdb has not caught up yet. When ``flows_with_pods`` is set,
         the flows it returns for the new set of pods (NetworkPolicy) go into the same bundle: a
-        pod's delivery flow never exists without its isolation."""
+        pod's delivery flow never exists without its isolation. With ``known`` they are installed
+        even when no pod changed: the port watch may have installed the pod's flows before the
+        API's pod (and so its policy) was known, and ADD must not return before that policy is in."""
+        known = list(known)
         async with self.pods_lock:
             found = {p.name: p for p in await self.db.find_ports(self.settings.bridge)}
             for info in known:
@@ -329,7 +320,7 @@ class NodeDatapath:
                     changes[Owner(Category.POD, port)] = pod_flows(pod)
             for port in self.state.pods.keys() - wanted.keys():
                 changes[Owner(Category.POD, port)] = []
-            if not changes:
+            if not changes and not (known and self.flows_with_pods is not None):
                 return
             previous, self.state.pods = self.state.pods, wanted
             try:
@@ -338,6 +329,8 @@ class NodeDatapath:
             except BaseException:
                 self.state.pods = previous
                 raise
+            if not changes:
+                return
             if self.flows_with_pods is None:
                 self.pods_changed.set()
             log.info("pods on this node: %d (%d changed)", len(wanted), len(changes))

@@ -470,8 +470,13 @@ class ChartCluster(Cluster):
         # What the agent does for conntrack flushes and megaflow purges: ovs-appctl -t ovs-vswitchd,
         # from its pod (no hostPID). Kept for the report and tests/test_chart_sandbox.py.
         agent = next(p for p in self.pod_runs.values() if p.workload["kind"] == "DaemonSet")
+        # what the agent runs (kvswitch.ovs.appctl finds vswitchd's control socket itself)
+        probe = (
+            "import subprocess, sys; from kvswitch.ovs.appctl import vswitchd_target; "
+            "sys.exit(subprocess.run(['ovs-appctl', '-t', vswitchd_target(), 'version']).returncode)"
+        )
         res = podman("exec", agent.containers[agent.spec["containers"][0]["name"]],
-                     "ovs-appctl", "-t", "ovs-vswitchd", "version", env=self.env, check=False)  # fmt: skip
+                     "python3", "-c", probe, env=self.env, check=False)  # fmt: skip
         self.appctl_check = (res.returncode, (res.stdout + res.stderr).strip())
         return self
 
