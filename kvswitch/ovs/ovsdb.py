@@ -339,7 +339,8 @@ def _exporter(
     br = tx.bridge(bridge)
     if br is None:
         raise OvsdbError(f"bridge {bridge} does not exist")
-    row = _unwrap(getattr(br, column))
+    # A bridge inserted by this transaction has no columns to read yet, and no exporter.
+    row = None if ("Bridge", bridge) in tx.inserted else _unwrap(getattr(br, column))
     if wanted is None:
         if row is not None and TELEMETRY_OWNER in row.external_ids:
             setattr(br, column, [])
