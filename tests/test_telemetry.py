@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kvswitch_testbed import TestBed
 from kvswitch_testbed.cluster import EXTERNAL_IP, Cluster, ClusterPod
 from kvswitch_testbed.kubeclient import ApiError
 from kvswitch_testbed.netns import in_netns
@@ -22,6 +23,7 @@ from kvswitch_testbed.probes import LoopThread, ping
 
 from kvswitch.config import ControllerSettings, InvalidConfig, parse_spec
 from kvswitch.handlers.controller import desired_spec, spec_patch
+from kvswitch.ovs.ovsdb import EnsureBridge, Ovsdb, SetIpfix, SetSflow
 from tests.conftest import register_run
 from tests.test_chart import CRDS, load_yaml
 
@@ -213,3 +215,21 @@ def test_bad_settings_are_refused_and_change_nothing(
 def test_the_sample_with_telemetry_round_trips_through_the_model() -> None:
     spec = load_yaml(CRDS / "samples" / "valid" / "node-d-telemetry.yaml")["spec"]
     assert parse_spec(spec).to_api() == spec
+
+
+def test_exporters_on_a_bridge_made_in_the_same_transaction(bed: TestBed) -> None:
+    """The agent rebuilds a deleted bridge, its ports and its exporters in one transaction."""
+    node = bed.add_node()
+    db = Ovsdb(node.ovs.db_remote)
+    try:
+        for _ in range(2):  # created, then found
+            db.execute(EnsureBridge("br-tel", datapath_type="netdev"), SetSflow("br-tel", (SFLOW,), 8),
+                       SetIpfix("br-tel"))  # fmt: skip
+            sflow = node.ovs.vsctl("get", "bridge", "br-tel", "sflow").stdout.strip()
+            assert node.ovs.vsctl("get", "sflow", sflow, "sampling").stdout.strip() == "8"
+            assert node.ovs.vsctl("get", "bridge", "br-tel", "ipfix").stdout.strip() == "[]"
+        db.execute(SetSflow("br-tel"))
+        assert node.ovs.vsctl("get", "bridge", "br-tel", "sflow").stdout.strip() == "[]"
+        assert node.ovs.vsctl("list", "sflow").stdout.strip() == ""  # not a root table: gone
+    finally:
+        db.close()
