@@ -101,7 +101,16 @@ def serve(name: str, ports: list[int]) -> None:
     asyncio.run(main())
 
 
-def probe(ip: str, port: int, count: int, warmup: int) -> None:
+def thread_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (schedstat: finer than /proc/pid/stat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def probe(ip: str, port: int, count: int, warmup: int, vswitchd: int) -> None:
     """A client pod: ``count`` new TCP connections one after another; prints their connect times
     (SYN out to SYN-ACK in, through OVS both ways) and who answered, as JSON. Each connection
     binds the next client port of a random run, so every one is a new 5-tuple (the kernel's own
@@ -109,7 +118,10 @@ def probe(ip: str, port: int, count: int, warmup: int) -> None:
     out: list[tuple[float, str, int]] = []
     errors = 0
     base = random.randrange(10_000, 60_000 - warmup - count)
+    cpu0 = thread_cpu_ns(vswitchd) if not warmup else 0
     for i in range(warmup + count):
+        if i == warmup and warmup:
+            cpu0 = thread_cpu_ns(vswitchd)
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.settimeout(3.0)
         try:
@@ -128,7 +140,8 @@ def probe(ip: str, port: int, count: int, warmup: int) -> None:
             s.close()
         if i >= warmup:
             out.append((t1 - t0, data.decode().strip(), local_port))
-    json.dump({"samples": out, "errors": errors}, sys.stdout)
+    cpu = thread_cpu_ns(vswitchd) - cpu0  # ovs-vswitchd's CPU during the measured connections
+    json.dump({"samples": out, "errors": errors, "vswitchd_ns": cpu}, sys.stdout)
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -224,6 +237,7 @@ class Bench:
         self.scratch = Path()
         self.summary: list[str] = []
         self.client_ports = 0  # distinct client ports (so distinct 5-tuples) of the last connect()
+        self.vswitchd_ns = 0  # ovs-vswitchd's CPU (all threads) during the last connect()
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -392,11 +406,12 @@ class Bench:
     async def connect(self, ip: str, count: int, warmup: int = 10) -> tuple[list[float], list[str], int, int]:
         """(connect times, answers, errors, upcalls) of ``count`` new connections from the client."""
         netns, _ = self.pods["client"]
+        assert self.node is not None
         self.appctl("dpif-netdev/pmd-stats-clear")
         before = self.upcalls()
         proc = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", netns, sys.executable, __file__,
-            "--probe", ip, str(SERVICE_PORT), str(count), str(warmup),
+            "--probe", ip, str(SERVICE_PORT), str(count), str(warmup), str(self.node.ovs.vswitchd_pid),
             stdout=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         try:
@@ -407,6 +422,7 @@ class Bench:
                 await proc.wait()
         got = json.loads(out)
         upcalls = self.upcalls() - before
+        self.vswitchd_ns = got["vswitchd_ns"]
         self.client_ports = len({s[2] for s in got["samples"]})
         return [s[0] for s in got["samples"]], [s[1] for s in got["samples"]], got["errors"], upcalls
 
@@ -551,6 +567,7 @@ class Bench:
         path). ``between(name)`` runs before each target's turn (e.g. resizes the Service set)."""
         res: dict[tuple[str, str], list[float]] = {(n, m): [] for n in targets for m in ("warm", "slow")}
         ups: dict[tuple[str, str], int] = dict.fromkeys(res, 0)
+        cpu: dict[tuple[str, str], int] = dict.fromkeys(res, 0)
         errors = 0
         per = max(1, count // rounds)
         for _ in range(rounds):
@@ -569,17 +586,20 @@ class Bench:
                             self.appctl("upcall/enable-megaflows")
                     res[name, mode] += times
                     ups[name, mode] += up
+                    cpu[name, mode] += self.vswitchd_ns
                     errors += err
-        return res, ups, errors
+        return res, (ups, cpu), errors
 
-    def print_rounds(self, res: Any, ups: Any, labels: dict[str, str]) -> None:
+    def print_rounds(self, res: Any, counters: Any, labels: dict[str, str]) -> None:
+        ups, cpu = counters
         for mode, title in (("warm", "warm megaflow cache"), ("slow", "megaflows disabled (slow path)")):
             print(f"    {title}:")
             for name, label in labels.items():
                 t = res[name, mode]
                 up = ups[name, mode] / len(t)
-                print(f"      {label:>16}: p50 {ms(pct(t, 50))}  p99 {ms(pct(t, 99))}  "
-                      f"upcalls/connection {up:.2f}  ({len(t)} connections)")  # fmt: skip
+                us = cpu[name, mode] / len(t) / 1000
+                print(f"      {label:>16}: p50 {ms(pct(t, 50))}  p99 {ms(pct(t, 99))}  upcalls/connection "
+                      f"{up:.2f}  ovs-vswitchd CPU/connection {us:.0f} us  ({len(t)} conns)")  # fmt: skip
 
     async def connect_scale(self) -> None:
         n, small = self.args.services, self.args.small
@@ -595,12 +615,14 @@ class Bench:
                 size["big"] = want
 
         targets = {"10k": WEB_IP, "1k": WEB_IP}
-        res, ups, errors = await self.connect_rounds(targets, self.args.connects, self.args.rounds, resize)
+        res, counters, errors = await self.connect_rounds(
+            targets, self.args.connects, self.args.rounds, resize
+        )
         print(f"\n(c) TCP connect to a ClusterIP (10 endpoints on 5 real pods), {self.args.connects} new "
               f"connections a size and mode, {self.args.rounds} interleaved rounds, {self.args.warmup} "
               f"warm-up connections a round; {errors} failed")  # fmt: skip
         labels = {"1k": f"{small + 1} Services", "10k": f"{n + 1} Services"}
-        self.print_rounds(res, ups, labels)
+        self.print_rounds(res, counters, labels)
         for mode in ("warm", "slow"):
             p99 = pct(res["10k", mode], 99) / pct(res["1k", mode], 99)
             p50 = pct(res["10k", mode], 50) / pct(res["1k", mode], 50)
@@ -716,10 +738,10 @@ class Bench:
 
         targets = {"web": WEB_IP, "mid": MID_IP, "big": BIG_IP}
         labels = {"web": "10 endpoints", "mid": f"{n_mid} endpoints", "big": f"{n_big} endpoints"}
-        res, ups, errors = await self.connect_rounds(targets, self.args.connects, 2)
+        res, counters, errors = await self.connect_rounds(targets, self.args.connects, 2)
         print(f"    connect, {self.args.connects} new connections a Service and mode, 2 interleaved rounds "
               f"({errors} failed):")  # fmt: skip
-        self.print_rounds(res, ups, labels)
+        self.print_rounds(res, counters, labels)
         for name in ("mid", "big"):
             for mode in ("warm", "slow"):
                 p50 = pct(res[name, mode], 50) / pct(res["web", mode], 50)
@@ -760,11 +782,12 @@ class Bench:
             self.appctl("revalidator/purge")
             await self.connect(ip, 1000 if label == "256" else 100, warmup=0)
             times, _, _, up = await self.connect(ip, count, warmup=0)
+            us = self.vswitchd_ns / count / 1000
             flows = self.appctl("dpctl/dump-flows").splitlines()
             hashed = sum("hash(" in line for line in flows)
-            print(f"    {label:>5} buckets: {up / count:.2f} upcalls/connection, connect p50 "
-                  f"{ms(pct(times, 50))} p99 {ms(pct(times, 99))}; datapath flows {len(flows)}, "
-                  f"{hashed} with a hash() action")  # fmt: skip
+            print(f"    {label:>5} buckets: {up / count:.2f} upcalls/connection, ovs-vswitchd CPU/connection "
+                  f"{us:.0f} us, connect p50 {ms(pct(times, 50))} p99 {ms(pct(times, 99))}; datapath flows "
+                  f"{len(flows)}, {hashed} with a hash() action")  # fmt: skip
 
 
 async def run(bed: TestBed, args: argparse.Namespace) -> None:
@@ -806,13 +829,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the first full sync of (a)")
     ap.add_argument("--only-a", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", nargs=2, metavar=("NAME", "PORTS"), help=argparse.SUPPRESS)
-    ap.add_argument("--probe", nargs=4, metavar=("IP", "PORT", "COUNT", "WARMUP"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--probe", nargs=5, metavar=("IP", "PORT", "N", "WARMUP", "VSWITCHD"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     if args.serve:
         serve(args.serve[0], [int(p) for p in args.serve[1].split(",")])
         return
     if args.probe:
-        probe(args.probe[0], int(args.probe[1]), int(args.probe[2]), int(args.probe[3]))
+        probe(args.probe[0], int(args.probe[1]), int(args.probe[2]), int(args.probe[3]), int(args.probe[4]))
         return
 
     def terminate(signum: int, frame: Any) -> None:
