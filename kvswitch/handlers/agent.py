@@ -33,6 +33,7 @@ SETTINGS = AgentSettings.from_env()
 VSWITCHCONFIGS, PODS, NAMESPACES = f"/apis/{GROUP}/{VERSION}/{PLURAL}", "/api/v1/pods", "/api/v1/namespaces"
 NETWORKPOLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
 SERVICES, ENDPOINTSLICES = "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"
+POD_LOOKUP_TIMEOUT = 2.0  # seconds: one GET of a pod for an ADD whose pod the watch has not brought
 
 
 @kopf.on.startup()
@@ -48,6 +49,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     known = KnownObjects()
     memo.api, memo.configs, memo.agent, memo.known = api, configs, agent, known
     memo.sweeper = relist_sweeper(api, agent, known)
+    agent.pod_lookup = lambda namespace, name: read_pod(api, known, namespace, name)
     # The start-up lists wait for the API (kvswitch.kube.call_api): the old round's flows stay.
     await agent.start()
     # Apply every known config before the old flow round is removed: no window without routes.
@@ -62,6 +64,29 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     await load_services(api, agent, known)
     await agent.apply_services()
     await agent.finish_startup()
+
+
+async def read_pod(api: Any, known: KnownObjects, namespace: str, name: str) -> PodInfo | None:
+    """One GET of a pod, for an ADD whose pod the watch has not brought yet (no retries: the ADD
+    waits for it); recorded as the watch would, so the relist sweep covers it too."""
+    from kubernetes_asyncio import client
+
+    try:
+        obj = await api.call_api(
+            f"/api/v1/namespaces/{namespace}/pods/{name}",
+            "GET",
+            header_params={"Accept": "application/json"},
+            response_types_map={200: "object"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _request_timeout=POD_LOOKUP_TIMEOUT,
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    known.record(PODS, obj, deleted=False)
+    return PodInfo.parse(obj)
 
 
 def relist_sweeper(api: Any, agent: NodeAgent, known: KnownObjects) -> RelistSweeper:

@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kvswitch.cni import install as cni_install
 from kvswitch.cni.contract import ID_POD_NAME, ID_POD_NAMESPACE
 from kvswitch.cni.server import CniServer
+from kvswitch.cni.spec import CniError, Code
 from kvswitch.config import AgentSettings, ServiceProxy, VSwitchConfigSpec
 from kvswitch.node.datapath import NodeDatapath
 from kvswitch.node.policy import PolicyInputs
@@ -34,6 +35,10 @@ from kvswitch.services.state import ServiceState
 
 log = logging.getLogger(__name__)
 POD_EVENT_WAIT = 2.0  # seconds ADD waits for the API's pod before installing flows without it
+POD_LOOKUP_AFTER = 0.2  # seconds ADD waits for the pod watch before asking the API for the pod itself
+POLICY_INPUTS_WAIT = 10.0  # seconds ADD to a starting agent waits for its NetworkPolicy listing
+# One GET of a pod (namespace, name) from the API: None when it does not exist.
+PodLookup = Callable[[str, str], Awaitable[PodInfo | None]]
 
 
 class NodeAgent:
@@ -58,6 +63,12 @@ class NodeAgent:
         self.services_applied = 0
         self.reject = RejectResponder(self.datapath.ofctl.target, settings.ovs_rundir)
         self.health = HealthCheckServers(settings.host_netns)
+        # ADD's fallback when the pod watch lags (a restarted agent's watch starts after start-up):
+        # set by the handlers; without it ADD waits for the watch alone.
+        self.pod_lookup: PodLookup | None = None
+        # Set once the cluster's policy inputs are known (a full listing, or start-up finished):
+        # before that, flows computed for a new pod could leave an isolated pod open.
+        self._inputs_ready = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -69,6 +80,7 @@ class NodeAgent:
         await self.cni_server.start()
 
     async def finish_startup(self) -> None:
+        self._inputs_ready.set()
         await self.datapath.finish_startup()
         self._spawn(self.datapath.reconciler.watch(resync_interval=self.settings.resync_interval))
         self._spawn(self.datapath.watch_ports())
@@ -135,16 +147,47 @@ class NodeAgent:
     async def pod_attached(self, port: PortInfo) -> None:
         """The CNI server plugged ``port``: its pod's flows, NetworkPolicy included, are in OVS
         before ADD returns (the runtime starts the containers right after)."""
-        key = f"{port.external_ids.get(ID_POD_NAMESPACE, '')}/{port.external_ids.get(ID_POD_NAME, '')}"
-        if key != "/" and not self.policy.knows(key):
-            # The runtime calls ADD right after the kubelet saw the pod; our watch sees it at about
-            # the same time. Without it the pod's NetworkPolicy is unknown: wait a moment for it.
-            deadline = asyncio.get_running_loop().time() + POD_EVENT_WAIT
-            while not self.policy.knows(key) and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.01)
-            if not self.policy.knows(key):
-                log.warning("pod %s is not in the API yet; its policy follows when it is", key)
+        namespace, name = port.external_ids.get(ID_POD_NAMESPACE, ""), port.external_ids.get(ID_POD_NAME, "")
+        if not self._inputs_ready.is_set():
+            # A restarting agent serves CNI before it has listed the cluster's policies.
+            try:
+                await asyncio.wait_for(self._inputs_ready.wait(), POLICY_INPUTS_WAIT)
+            except TimeoutError:
+                raise CniError(
+                    Code.TRY_AGAIN_LATER,
+                    "the k-vswitch agent is starting",
+                    "its NetworkPolicy inputs are not loaded yet",
+                ) from None
+        if namespace or name:
+            await self._learn_pod(namespace, name)
         await self.datapath.sync_ports(known=[port])
+
+    async def _learn_pod(self, namespace: str, name: str) -> None:
+        """Know the API's pod (its labels select its NetworkPolicy) before its flows go in.
+
+        The runtime calls ADD right after the kubelet saw the pod; our watch sees it at about the
+        same time, or much later when the agent has just restarted (its watch starts once start-up
+        is over) or the API is slow: after a moment, ask the API for the pod itself."""
+        key = f"{namespace}/{name}"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        asked = self.pod_lookup is None
+        while not self.policy.knows(key) and loop.time() - start < POD_EVENT_WAIT:
+            if asked or loop.time() - start < POD_LOOKUP_AFTER:
+                await asyncio.sleep(0.01)
+                continue
+            asked = True
+            assert self.pod_lookup is not None
+            try:
+                left = POD_EVENT_WAIT - (loop.time() - start)
+                pod = await asyncio.wait_for(self.pod_lookup(namespace, name), max(left, 1.0))
+            except Exception as exc:
+                log.warning("looking pod %s up in the API failed: %s", key, str(exc) or type(exc).__name__)
+                continue
+            if pod is not None and not self.policy.knows(key):  # an event may have come meanwhile
+                self.set_pod(key, pod)
+        if not self.policy.knows(key):
+            log.warning("pod %s is not in the API yet; its policy follows when it is", key)
 
     async def pod_deleted(self, namespace: str, name: str) -> None:
         await self.datapath.pod_deleted(namespace, name)
@@ -170,6 +213,7 @@ class NodeAgent:
         self, pods: list[PodInfo], namespaces: list[NamespaceInfo], policies: list[Policy]
     ) -> None:
         self.policy.replace(pods, namespaces, policies)
+        self._inputs_ready.set()
         # The cluster just loaded lives as long as the agent: keep the collector from scanning it
         # again and again (a full collection over a 50k-pod cluster stalls an event by 100s of ms).
         gc.freeze()

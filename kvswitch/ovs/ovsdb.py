@@ -25,6 +25,7 @@ import ovs.stream
 
 SCHEMA_PATH = Path("/usr/share/openvswitch/vswitch.ovsschema")
 TUNNEL_TYPES = frozenset({"vxlan", "gre", "geneve"})
+RECONNECT_MAX_BACKOFF_MS = 1000
 _COLUMNS: dict[str, list[str]] = {
     "Open_vSwitch": ["bridges", "other_config", "external_ids", "cur_cfg", "next_cfg"],
     "Bridge": [
@@ -430,6 +431,11 @@ class _Idl(ovs.db.idl.Idl):  # type: ignore[misc]
     def is_connected(self) -> bool:
         return bool(self._session.is_connected())
 
+    def set_max_backoff(self, ms: int) -> None:
+        """Longest wait between reconnection attempts (python-ovs: 1 s doubling up to 8 s; it
+        allows no less than 1 s)."""
+        self._session.reconnect.set_backoff(1000, ms)
+
     def run(self) -> Any:
         global _reconnects
         result = super().run()
@@ -452,6 +458,10 @@ class Ovsdb:
         for table, cols in _COLUMNS.items():
             helper.register_columns(table, cols)
         self.idl = _Idl(remote, helper, leader_only=False)
+        # An ovsdb-server restart costs its clients the outage plus at most this: with the default
+        # backoff (1, 2, 4, 8 s) a 1.2 s outage left the agent and the CNI server unable to read or
+        # write for 4 s after the server was back (CNI ADD/DEL failing meanwhile).
+        self.idl.set_max_backoff(RECONNECT_MAX_BACKOFF_MS)
         self._sync(lambda: self.idl.has_ever_connected(), "initial dump")
 
     def close(self) -> None:
