@@ -71,3 +71,8 @@ sandbox: setup
 # Removes what an interrupted run (kill -9, power loss) may have left behind.
 clean-runs: venv
 	$(VENV)/bin/kvswitchctl clean-runs
+
+# CNI ADD/DEL cycles with ovsdb/vswitchd/agent/IPAM faults, <= 10 min; not part of `make test`.
+.PHONY: soak
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)

@@ -76,21 +76,27 @@ class OvsInstance:
         if not db.exists():
             run(["ovsdb-tool", "create", str(db), str(OVS_SCHEMA)])
         if self.ovsdb_pid is None:
-            run(
-                [
-                    "ovsdb-server",
-                    str(db),
-                    f"--remote=punix:{self.db_sock}",
-                    f"--unixctl={self.ovsdb_ctl}",
-                    f"--pidfile={self.workdir / 'ovsdb-server.pid'}",
-                    f"--log-file={self.workdir / 'ovsdb-server.log'}",
-                    "--no-chdir",
-                    "--detach",
-                ],
-                self.netns,
-            )
+            self.start_ovsdb()
             self.vsctl("--no-wait", "init")
         self.start_vswitchd()
+
+    def start_ovsdb(self) -> None:
+        """Start ovsdb-server on the existing database (returns once it listens)."""
+        if self.ovsdb_pid is not None:
+            return
+        run(
+            [
+                "ovsdb-server",
+                str(self.workdir / "conf.db"),
+                f"--remote=punix:{self.db_sock}",
+                f"--unixctl={self.ovsdb_ctl}",
+                f"--pidfile={self.workdir / 'ovsdb-server.pid'}",
+                f"--log-file={self.workdir / 'ovsdb-server.log'}",
+                "--no-chdir",
+                "--detach",
+            ],
+            self.netns,
+        )
 
     def start_vswitchd(self) -> None:
         if self.vswitchd_pid is not None:
@@ -116,6 +122,30 @@ class OvsInstance:
             return
         os.kill(pid, sig)
         _wait_gone(pid)
+
+    def kill_ovsdb(self, sig: int = signal.SIGKILL) -> None:
+        """Stop ovsdb-server with ``sig`` (SIGKILL: a crash; SIGTERM: a clean exit); the database
+        file stays, clients (vswitchd, agents, the CNI server) see their connections drop."""
+        pid = self.ovsdb_pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if not _wait_gone(pid):
+            _terminate(pid)
+
+    def restart_ovsdb(self, downtime: float = 0.0, sig: int = signal.SIGKILL) -> None:
+        """ovsdb-server goes away (``sig``) and comes back on the same database after ``downtime``."""
+        self.kill_ovsdb(sig)
+        time.sleep(downtime)
+        self.start_ovsdb()
+
+    def restart_vswitchd(self, downtime: float = 0.0, sig: int = signal.SIGKILL) -> None:
+        """ovs-vswitchd goes away (``sig``) and comes back after ``downtime``: it rebuilds bridges
+        and ports from the database, with empty flow tables."""
+        self.kill_vswitchd(sig)
+        time.sleep(downtime)
+        self.start_vswitchd()
 
     def stop(self, cleanup: bool = False) -> None:
         """Stop both daemons.
