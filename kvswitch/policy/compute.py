@@ -55,6 +55,7 @@ __all__ = [
 ]
 ANY_ADDRESS = "0.0.0.0/0"
 _NONE: frozenset[str] = frozenset()
+LABEL_INDEX_MIN = 64  # pods in a namespace from which its pods are indexed by label
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 GroupKey = tuple[Selector, str]  # a pod selector evaluated in one namespace
@@ -164,8 +165,10 @@ class PolicyState:
 
     def _reindex(self) -> None:
         self._pods_by_ns: dict[str, set[str]] = defaultdict(set)
-        self._pods_by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-        self._pods_by_port: dict[str, set[str]] = defaultdict(set)  # named container ports
+        # Label indexes of the namespaces with many pods only (a small one is scanned faster than
+        # its index costs: 50k pods in 5k namespaces would hold 50k small sets).
+        self._pods_by_label: dict[str, dict[tuple[str, str], set[str]]] = {}
+        self._pods_by_port: dict[str, set[str]] | None = None  # named ports, built when first needed
         for key, pod in self.pods.items():
             self._index_pod(key, pod)
         self._ns_by_label: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -198,20 +201,48 @@ class PolicyState:
 
     def _index_pod(self, key: str, pod: PodInfo, add: bool = True) -> None:
         ns = pod.namespace
+        by_label = self._pods_by_label.get(ns)
+        by_port = self._pods_by_port
         if add:
-            self._pods_by_ns[ns].add(key)
-            for k, v in pod.labels:
-                self._pods_by_label[(ns, k, v)].add(key)
-            for p in pod.ports:
-                if p.name:
-                    self._pods_by_port[p.name].add(key)
+            in_ns = self._pods_by_ns[ns]
+            in_ns.add(key)
+            if by_label is not None:
+                for label in pod.labels:
+                    by_label.setdefault(label, set()).add(key)
+            elif len(in_ns) >= LABEL_INDEX_MIN:
+                self._pods_by_label[ns] = self._label_index(in_ns)
+            if by_port is not None:
+                for p in pod.ports:
+                    if p.name:
+                        by_port.setdefault(p.name, set()).add(key)
             return
         _discard(self._pods_by_ns, ns, key)
-        for k, v in pod.labels:
-            _discard(self._pods_by_label, (ns, k, v), key)
-        for p in pod.ports:
-            if p.name:
-                _discard(self._pods_by_port, p.name, key)
+        if by_label is not None:
+            if len(self._pods_by_ns.get(ns, ())) < LABEL_INDEX_MIN // 2:
+                del self._pods_by_label[ns]
+            else:
+                for label in pod.labels:
+                    _discard(by_label, label, key)
+        if by_port is not None:
+            for p in pod.ports:
+                if p.name:
+                    _discard(by_port, p.name, key)
+
+    def _label_index(self, keys: Iterable[str]) -> dict[tuple[str, str], set[str]]:
+        index: dict[tuple[str, str], set[str]] = {}
+        for key in keys:
+            for label in self.pods[key].labels:
+                index.setdefault(label, set()).add(key)
+        return index
+
+    def _pods_with_port(self, name: str) -> set[str]:
+        if self._pods_by_port is None:
+            self._pods_by_port = {}
+            for key, pod in self.pods.items():
+                for p in pod.ports:
+                    if p.name:
+                        self._pods_by_port.setdefault(p.name, set()).add(key)
+        return self._pods_by_port.get(name, set())
 
     # --- events: indexes now, memos at the next computation -------------------------------
 
@@ -420,8 +451,11 @@ class PolicyState:
         hit = memo.get(sel)
         if hit is None:
             in_ns = self._pods_by_ns.get(namespace, set())
-            candidates = _candidates(
-                sel, lambda k, v: self._pods_by_label.get((namespace, k, v), set()), in_ns
+            by_label = self._pods_by_label.get(namespace)
+            candidates = (
+                in_ns
+                if by_label is None
+                else _candidates(sel, lambda k, v: by_label.get((k, v), set()), in_ns)
             )
             hit = frozenset(p for p in candidates if sel.matches(self.pods[p].label_map))
             memo[sel] = hit
@@ -606,7 +640,7 @@ class PolicyState:
             if named:  # any destination pod whose port of that name matches
                 names = {p.port for p in rule.ports if isinstance(p.port, str)}
                 self._deps.names.update(names)
-                candidates = set().union(*(self._pods_by_port.get(n, ()) for n in names))
+                candidates = set().union(*(self._pods_with_port(n) for n in names))
                 clauses += self._named_egress(base, rule.ports, candidates, numeric)
             return clauses
         full = named and rule.ports is not None

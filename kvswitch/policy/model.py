@@ -9,15 +9,36 @@ import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from sys import intern
+from typing import Any, TypeVar, cast
 
 Labels = Mapping[str, str]
+_T = TypeVar("_T")
+_SHARED: dict[Any, Any] = {}  # equal values parsed from different objects, kept once
+
+
+def shared(value: _T) -> _T:
+    """One object for every equal ``value`` (label sets, port lists, selectors, rules): an agent
+    holds 50k pods whose labels and ports repeat across a Deployment's replicas, and policies whose
+    selectors repeat across namespaces. Strings inside go through sys.intern."""
+    hit = _SHARED.get(value)
+    if hit is None:
+        if len(_SHARED) >= 1 << 20:
+            _SHARED.clear()  # only sharing is lost
+        hit = _SHARED[value] = value
+    return cast(_T, hit)
+
+
+def _labels(data: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return shared(tuple((intern(k), intern(v)) for k, v in sorted((data or {}).items())))
+
+
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 PortRange = tuple[str, int, int]  # (protocol, first, last); (proto, 0, 65535) = every port
 ALL_PORTS = (0, 65535)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Requirement:
     key: str
     operator: str  # In, NotIn, Exists, DoesNotExist
@@ -57,14 +78,15 @@ class Selector:
     def parse(cls, data: Mapping[str, Any] | None) -> Selector:
         data = data or {}
         reqs = [
-            Requirement(k, "In", frozenset({v})) for k, v in sorted((data.get("matchLabels") or {}).items())
+            Requirement(intern(k), "In", frozenset({intern(v)})) for k, v in _labels(data.get("matchLabels"))
         ]
         for expr in data.get("matchExpressions") or []:
             op = expr["operator"]
             if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
                 raise ValueError(f"unknown selector operator {op!r}")
-            reqs.append(Requirement(expr["key"], op, frozenset(expr.get("values") or ())))
-        return cls(tuple(sorted(set(reqs), key=lambda r: (r.key, r.operator, sorted(r.values)))))
+            values = frozenset(intern(v) for v in expr.get("values") or ())
+            reqs.append(Requirement(intern(expr["key"]), intern(op), values))
+        return shared(cls(tuple(sorted(set(reqs), key=lambda r: (r.key, r.operator, sorted(r.values))))))
 
     @property
     def everything(self) -> bool:
@@ -74,7 +96,7 @@ class Selector:
         return all(r.matches(labels) for r in self.requirements)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IPBlock:
     cidr: str
     excepts: tuple[str, ...] = ()
@@ -116,16 +138,18 @@ class Peer:
     def parse(cls, data: Mapping[str, Any]) -> Peer:
         if "ipBlock" in data:
             b = data["ipBlock"]
-            return cls(ip_block=IPBlock(b["cidr"], tuple(b.get("except") or ())))
-        return cls(
-            pod_selector=Selector.parse(data["podSelector"]) if "podSelector" in data else None,
-            namespace_selector=Selector.parse(data["namespaceSelector"])
-            if "namespaceSelector" in data
-            else None,
+            return shared(cls(ip_block=IPBlock(b["cidr"], tuple(b.get("except") or ()))))
+        return shared(
+            cls(
+                pod_selector=Selector.parse(data["podSelector"]) if "podSelector" in data else None,
+                namespace_selector=Selector.parse(data["namespaceSelector"])
+                if "namespaceSelector" in data
+                else None,
+            )
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PortSpec:
     protocol: str = "TCP"
     port: int | str | None = None  # None: every port of the protocol; str: a named container port
@@ -137,9 +161,9 @@ class PortSpec:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}")
         port = data.get("port")
-        if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        return cls(protocol, port, data.get("endPort"))
+        if isinstance(port, str):
+            port = int(port) if port.isdigit() else intern(port)
+        return shared(cls(intern(protocol), port, data.get("endPort")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +183,11 @@ class Rule:
     def parse(cls, data: Mapping[str, Any], peer_key: str) -> Rule:
         peers = data.get(peer_key) or []
         ports = data.get("ports") or []
-        return cls(
-            tuple(Peer.parse(p) for p in peers) if peers else None,
-            tuple(PortSpec.parse(p) for p in ports) if ports else None,
+        return shared(
+            cls(
+                shared(tuple(Peer.parse(p) for p in peers)) if peers else None,
+                shared(tuple(PortSpec.parse(p) for p in ports)) if ports else None,
+            )
         )
 
 
@@ -177,7 +203,7 @@ def _numeric_ranges(ports: tuple[PortSpec, ...]) -> frozenset[PortRange]:
     return frozenset(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Policy:
     namespace: str
     name: str
@@ -196,10 +222,10 @@ class Policy:
         if not types:
             # Inferred: always Ingress; Egress when the policy has egress rules.
             types = ["Ingress"] + (["Egress"] if spec.get("egress") else [])
-        ingress = tuple(Rule.parse(r, "from") for r in spec.get("ingress") or [])
-        egress = tuple(Rule.parse(r, "to") for r in spec.get("egress") or [])
+        ingress = shared(tuple(Rule.parse(r, "from") for r in spec.get("ingress") or []))
+        egress = shared(tuple(Rule.parse(r, "to") for r in spec.get("egress") or []))
         return cls(
-            meta.get("namespace", "default"),
+            intern(meta.get("namespace", "default")),
             meta["name"],
             Selector.parse(spec.get("podSelector")),
             ingress if "Ingress" in types else None,
@@ -207,14 +233,14 @@ class Policy:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContainerPort:
     name: str
     number: int
     protocol: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodInfo:
     namespace: str
     name: str
@@ -234,17 +260,23 @@ class PodInfo:
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> PodInfo:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
-        ports = tuple(
-            ContainerPort(p.get("name", ""), int(p["containerPort"]), p.get("protocol") or "TCP")
-            for c in spec.get("containers") or []
-            for p in c.get("ports") or []
+        ports = shared(
+            tuple(
+                shared(
+                    ContainerPort(
+                        intern(p.get("name", "")), int(p["containerPort"]), intern(p.get("protocol") or "TCP")
+                    )
+                )
+                for c in spec.get("containers") or []
+                for p in c.get("ports") or []
+            )
         )
         return cls(
-            meta.get("namespace", "default"),
+            intern(meta.get("namespace", "default")),
             meta["name"],
-            tuple(sorted((meta.get("labels") or {}).items())),
+            _labels(meta.get("labels")),
             status.get("podIP") or None,
-            spec.get("nodeName", ""),
+            intern(spec.get("nodeName", "")),
             ports,
         )
 
@@ -252,7 +284,7 @@ class PodInfo:
         return sorted({p.number for p in self.ports if p.name == name and p.protocol == protocol})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NamespaceInfo:
     name: str
     labels: tuple[tuple[str, str], ...]
@@ -261,4 +293,4 @@ class NamespaceInfo:
     def parse(cls, obj: Mapping[str, Any]) -> NamespaceInfo:
         meta = obj["metadata"]
         labels = {**(meta.get("labels") or {}), "kubernetes.io/metadata.name": meta["name"]}
-        return cls(meta["name"], tuple(sorted(labels.items())))
+        return cls(intern(meta["name"]), _labels(labels))
