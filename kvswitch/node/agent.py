@@ -266,7 +266,15 @@ class NodeAgent:
             owner = Owner(Category.SERVICE, key)
             f, g = self.services.translate(key) if enabled else ([], [])
             flows[owner], groups[owner] = f, g
-        changed = await self.datapath.reconciler.set_many(flows, groups)
+        try:
+            changed = await self.datapath.reconciler.set_many(flows, groups)
+        except BaseException:
+            if enabled:
+                self._services_dirty |= dirty  # OVS refused the bundle: try them again
+            for key, before in udp_before.items():
+                if before:
+                    self._udp_backends[key] = before
+            raise
         cluster_ports, local_ports = self.services.node_ports() if enabled else (set(), set())
         await asyncio.to_thread(self.datapath.host.ensure_nodeports, NODEPORT_VIP, cluster_ports, local_ports)
         await self.health.sync(self.services.health_checks() if enabled else {})

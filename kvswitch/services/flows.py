@@ -11,6 +11,7 @@ Table-by-table description: docs/pipeline.md; docs/services.md for the semantics
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,9 @@ from kvswitch.ovs.pipeline import (
 from kvswitch.services.model import Endpoint, ServiceInfo, ServicePort, select_endpoints
 
 PROTO = L4_PROTO
+log = logging.getLogger(__name__)
 BUCKET_WEIGHT = 100
+MAX_BUCKETS = 1000  # ~64-byte buckets: OVS refuses a group message over 64 KiB (1,022 measured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,11 @@ def service_flows(
             if proto == "sctp":
                 selected, frontends = _sctp_ports(selected, frontends, flows)
             gid = group_ids(key)
+            if len(selected) > MAX_BUCKETS:
+                # an OpenFlow message is at most 64 KiB: OVS refuses a larger group (and the whole
+                # bundle with it). The first MAX_BUCKETS endpoints serve; docs/services.md.
+                log.warning("%s: %d endpoints, only %d used", key, len(selected), MAX_BUCKETS)
+                selected = selected[:MAX_BUCKETS]
             regs = [_endpoint_regs(ep) for ep in selected]
             groups.append(_group(gid, [load for load, _ in regs]))
             enter = f"{REG_SERVICE_GROUP.load(gid)},group:{gid}"
