@@ -64,6 +64,7 @@ bench: setup
 	$(PY) bench/netlink.py
 	$(PY) bench/policy.py
 	$(PY) bench/services.py
+	$(PY) bench/megaflow.py
 
 sandbox: setup
 	$(VENV)/bin/kvswitchctl sandbox
