@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from kvswitch_testbed.netns import netns_socket
+from kvswitch_testbed.probes import WhoAmI
 from kvswitch_testbed.sctp import IPPROTO_SCTP, SctpCatcher, init_packet
 
 from kvswitch.node.agent import NodeAgent
@@ -30,55 +31,6 @@ from tests.test_policy import PolicyBed
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 NS = "svc"
-
-
-class WhoAmI:
-    """TCP: sends ``name peer-ip`` and keeps the connection open (echoing); UDP: answers each
-    datagram with ``name peer-ip``."""
-
-    def __init__(self, netns: str, ip: str, port: int, name: str) -> None:
-        self.netns, self.ip, self.port, self.name = netns, ip, port, name
-        self._tcp: asyncio.Server | None = None
-        self._udp: asyncio.DatagramTransport | None = None
-
-    async def start(self) -> WhoAmI:
-        loop = asyncio.get_running_loop()
-        tsock = netns_socket(self.netns, socket.AF_INET, socket.SOCK_STREAM)
-        tsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tsock.bind((self.ip, self.port))
-        tsock.setblocking(False)
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = writer.get_extra_info("peername")[0]
-            writer.write(f"{self.name} {peer}\n".encode())
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            writer.close()
-
-        self._tcp = await asyncio.start_server(serve, sock=tsock)
-        usock = netns_socket(self.netns, socket.AF_INET, socket.SOCK_DGRAM)
-        usock.bind((self.ip, self.port))
-        usock.setblocking(False)
-        name = self.name
-
-        class Answer(asyncio.DatagramProtocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.transport = transport
-
-            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                self.transport.sendto(f"{name} {addr[0]}\n".encode(), addr)  # type: ignore[attr-defined]
-
-        self._udp, _ = await loop.create_datagram_endpoint(Answer, sock=usock)
-        return self
-
-    async def stop(self) -> None:
-        if self._tcp is not None:
-            self._tcp.close()
-        if self._udp is not None:
-            self._udp.close()
 
 
 @dataclass
