@@ -13,6 +13,7 @@ no watch reports are found by listing again (kvswitch.handlers.relist).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any, cast
@@ -34,9 +35,11 @@ VSWITCHCONFIGS, PODS, NAMESPACES = f"/apis/{GROUP}/{VERSION}/{PLURAL}", "/api/v1
 NETWORKPOLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
 SERVICES, ENDPOINTSLICES = "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"
 POD_LOOKUP_TIMEOUT = 2.0  # seconds: one GET of a pod for an ADD whose pod the watch has not brought
+# Seconds between start-up attempts (kopf's default is 60): start-up fails when OVS is restarting.
+STARTUP_RETRY = 2.0
 
 
-@kopf.on.startup()
+@kopf.on.startup(backoff=STARTUP_RETRY)
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     report_slow_callbacks(os.environ.get("KVSWITCH_ASYNCIO_DEBUG_SLOW_MS"))
     # Pods are watched cluster-wide: NetworkPolicy peers live on every node.
@@ -50,6 +53,19 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.api, memo.configs, memo.agent, memo.known = api, configs, agent, known
     memo.sweeper = relist_sweeper(api, agent, known)
     agent.pod_lookup = lambda namespace, name: read_pod(api, known, namespace, name)
+    try:
+        await start_up(api, configs, agent, known)
+    except BaseException:
+        # kopf retries start-up from scratch, with a new agent: release what this attempt holds,
+        # the CNI server's socket first (the next attempt's server refuses a live one, for ever).
+        log.warning("start-up failed; releasing what it holds before kopf retries")
+        for release in (memo.sweeper.close, agent.stop, api.close):
+            with contextlib.suppress(Exception):
+                await release()
+        raise
+
+
+async def start_up(api: Any, configs: VSwitchConfigs, agent: NodeAgent, known: KnownObjects) -> None:
     # The start-up lists wait for the API (kvswitch.kube.call_api): the old round's flows stay.
     await agent.start()
     # Apply every known config before the old flow round is removed: no window without routes.
