@@ -63,6 +63,7 @@ bench: setup
 	$(PY) bench/cni.py
 	$(PY) bench/netlink.py
 	$(PY) bench/policy.py
+	$(PY) bench/agent_scale.py
 	$(PY) bench/services.py
 	$(PY) bench/megaflow.py
 
