@@ -375,7 +375,11 @@ class TestInvalidConfig:
         assert good is not None
         before = flows(node)
         gw_addr = run(["ip", "-4", "-o", "addr", "show", "dev", GATEWAY_PORT], node.netns).stdout
-        # valid for the schema's patterns, but not inside the cluster CIDR: only pydantic knows
+        # valid for the schema's patterns, but not inside the cluster CIDR: only pydantic knows. The
+        # controller owns podCIDR and puts the Node's back; paused, it cannot win that race (kopf
+        # hands the agent only the newest version, so the invalid one could go unseen).
+        controller = cluster.processes["controller"].popen
+        controller.send_signal(signal.SIGSTOP)
         gen = cluster.edit_vswitchconfig("node3", {"podCIDR": "10.99.3.0/24"})
         try:
 
@@ -392,6 +396,7 @@ class TestInvalidConfig:
             assert flows(node) == before
             assert run(["ip", "-4", "-o", "addr", "show", "dev", GATEWAY_PORT], node.netns).stdout == gw_addr
         finally:
+            controller.send_signal(signal.SIGCONT)
             cluster.edit_vswitchconfig("node3", {"podCIDR": good["spec"]["podCIDR"]})
             cluster.wait_ready("node3")
         assert_full_matrix(cluster)
