@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from kvswitch_testbed import probes
 from kvswitch_testbed.netns import netns_socket
 from kvswitch_testbed.probes import WhoAmI
 from kvswitch_testbed.sctp import IPPROTO_SCTP, SctpCatcher, init_packet
@@ -115,36 +116,14 @@ def endpoint_slice(
 
 
 async def ask_tcp(netns: str, ip: str, port: int, timeout: float = 2.0) -> str:
-    """The backend's ``name peer`` line, or raises."""
-    loop = asyncio.get_running_loop()
-    sock = netns_socket(netns, socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), timeout)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 256), timeout)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode().strip()
-    finally:
-        sock.close()
+    """The backend's ``name peer`` line, or raises (the test kit's probe, as text)."""
+    answer = await probes.ask_tcp(netns, ip, port, timeout)
+    return f"{answer.backend} {answer.peer}"
 
 
 async def ask_udp(netns: str, ip: str, port: int, timeout: float = 0.5, attempts: int = 4) -> str:
-    loop = asyncio.get_running_loop()
-    sock = netns_socket(netns, socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, (ip, port))
-        for _ in range(attempts):
-            await loop.sock_sendall(sock, b"?")
-            with contextlib.suppress(TimeoutError):
-                return (await asyncio.wait_for(loop.sock_recv(sock, 256), timeout)).decode().strip()
-        raise TimeoutError(f"no UDP answer from {ip}:{port}")
-    finally:
-        sock.close()
+    answer = await probes.ask_udp(netns, ip, port, timeout, attempts)
+    return f"{answer.backend} {answer.peer}"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
