@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from kvswitch_testbed import Node, TestBed, find_leaks
+from kvswitch_testbed.bed import agent_settings
 from kvswitch_testbed.cni_harness import CNI_BIN, CniNode
 from kvswitch_testbed.cni_runner import Plugins, netns_path
 from kvswitch_testbed.netns import netns_socket, run
@@ -128,17 +129,7 @@ def start_agent(bed: TestBed, node: Node) -> tuple[AgentThread, dict[str, Any]]:
     import json
 
     d = bed.workdir / f"agent-{node.name}"
-    settings = AgentSettings(
-        node_name=node.name,
-        ovsdb=node.ovs.db_remote,
-        ovs_rundir=str(node.ovs.workdir),
-        datapath_type="netdev",
-        host_netns=node.netns,
-        cni_conf_dir=str(d / "net.d"),
-        cni_bin_dir=str(d / "cni-bin"),
-        cni_socket=str(d / "cni.sock"),
-        ipam_data_dir=str(d / "ipam"),
-    )
+    settings = agent_settings(node, d)
     spec = parse_spec(
         {
             "clusterCIDR": "10.244.0.0/16",

@@ -48,10 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from kvswitch_testbed import Node, TestBed, find_leaks
+from kvswitch_testbed.bed import agent_settings
 from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
 
 from kvswitch.cni.contract import CONFLIST_NAME
-from kvswitch.config import AgentSettings, parse_spec
+from kvswitch.config import parse_spec
 from kvswitch.node.agent import NodeAgent
 from kvswitch.ovs.openflow import Ofctl, OfctlError
 from kvswitch.ovs.pipeline import Category, Owner, cookie_category, make_cookie
@@ -253,18 +254,8 @@ class Bench:
         self.scratch = d / "bench"
         self.scratch.mkdir(parents=True, exist_ok=True)
         agent = self.agent = NodeAgent(
-            AgentSettings(
-                node_name=node.name,
-                ovsdb=node.ovs.db_remote,
-                ovs_rundir=str(node.ovs.workdir),
-                datapath_type="netdev",
-                host_netns=node.netns,
-                cni_conf_dir=str(d / "net.d"),
-                cni_bin_dir=str(d / "cni-bin"),
-                cni_socket=str(d / "cni.sock"),
-                ipam_data_dir=str(d / "ipam"),
-                resync_interval=3600.0,  # no periodic full resync in the middle of a figure
-            )
+            # no periodic full resync in the middle of a figure
+            agent_settings(node, d, resync_interval=3600.0)
         )
         await agent.start()
         spec = parse_spec(

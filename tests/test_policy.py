@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from kvswitch_testbed import Node, TestBed
-from kvswitch_testbed.bed import UNDERLAY
+from kvswitch_testbed.bed import UNDERLAY, agent_settings
 from kvswitch_testbed.cni_runner import Attachment, ConfList, Plugins, netns_path
 from kvswitch_testbed.netns import netns_socket, run
 from kvswitch_testbed.probes import EchoServer, udp_echo
 from kvswitch_testbed.sctp import SctpCatcher, sctp_reaches
 
 from kvswitch.cni.contract import CONFLIST_NAME
-from kvswitch.config import AgentSettings, parse_spec
+from kvswitch.config import parse_spec
 from kvswitch.node.agent import NodeAgent
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 from tests import policy_reference as ref
@@ -67,19 +67,7 @@ class PolicyBed:
         for node in self.bed.nodes.values():
             run(["ip", "route", "add", f"10.244.{node.index}.0/24", "via", node.underlay_ip], self.ext_ns)
             d = self.bed.workdir / node.name
-            agent = NodeAgent(
-                AgentSettings(
-                    node_name=node.name,
-                    ovsdb=node.ovs.db_remote,
-                    ovs_rundir=str(node.ovs.workdir),
-                    datapath_type="netdev",
-                    host_netns=node.netns,
-                    cni_conf_dir=str(d / "net.d"),
-                    cni_bin_dir=str(d / "cni-bin"),
-                    cni_socket=str(d / "cni.sock"),
-                    ipam_data_dir=str(d / "ipam"),
-                )
-            )
+            agent = NodeAgent(agent_settings(node, d))
             await agent.start()
             await agent.apply_local(specs[node.name])
             for other, spec in specs.items():

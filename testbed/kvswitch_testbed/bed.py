@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvswitch.config import AgentSettings
 from kvswitch_testbed.netns import create_netns, delete_netns, list_netns, run, sysctl
 from kvswitch_testbed.ovsproc import OvsInstance
 
@@ -216,6 +217,24 @@ class TestBed:
 
     def __exit__(self, *exc: object) -> None:
         self.teardown()
+
+
+def agent_settings(node: Node, workdir: Path, **extra: object) -> AgentSettings:
+    """An in-process agent for ``node`` (userspace datapath, its own OVS, CNI files under ``workdir``)."""
+    return AgentSettings.model_validate(
+        {
+            "node_name": node.name,
+            "ovsdb": node.ovs.db_remote,
+            "ovs_rundir": str(node.ovs.workdir),
+            "datapath_type": "netdev",
+            "host_netns": node.netns,
+            "cni_conf_dir": str(workdir / "net.d"),
+            "cni_bin_dir": str(workdir / "cni-bin"),
+            "cni_socket": str(workdir / "cni.sock"),
+            "ipam_data_dir": str(workdir / "ipam"),
+            **extra,
+        }
+    )
 
 
 def teardown_run(run_id: str, instances: list[OvsInstance] | None = None) -> None:
