@@ -28,12 +28,8 @@ ADDS = 50
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def rbed() -> AsyncIterator[PolicyBed]:
-    b = PolicyBed()
-    try:
-        await b.start()
+    async with PolicyBed.running() as b:
         yield b
-    finally:
-        await b.stop()
 
 
 def pod_obj(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:

@@ -307,12 +307,8 @@ def evolve(rng: random.Random, work: Workload, policies: list[dict[str, Any]], i
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pbed() -> AsyncIterator[PolicyBed]:
-    b = PolicyBed()
-    try:
-        await b.start()
+    async with PolicyBed.running() as b:
         yield b
-    finally:
-        await b.stop()
 
 
 def purges(pbed: PolicyBed) -> int:

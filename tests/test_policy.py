@@ -10,7 +10,7 @@ import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import pytest_asyncio
@@ -41,6 +41,17 @@ class PolicyBed:
         default_factory=dict
     )  # ip -> (netns, node, obj)
     servers: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, nodes: int = 2) -> AsyncIterator[Self]:
+        """Started, and torn down whatever happens (tests' module fixtures)."""
+        bed = cls()
+        try:
+            await bed.start(nodes)
+            yield bed
+        finally:
+            await bed.stop()
 
     def gateway_ip(self, node: Node) -> str:
         return f"10.244.{node.index}.1"
@@ -171,12 +182,8 @@ async def tcp_connect(src_ns: str, ip: str, port: int, bind: str | None, timeout
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pbed() -> AsyncIterator[PolicyBed]:
-    b = PolicyBed()
-    try:
-        await b.start()
+    async with PolicyBed.running() as b:
         yield b
-    finally:
-        await b.stop()
 
 
 SEEDS = [11, 12, 13, 14]

@@ -128,12 +128,8 @@ async def ask_udp(netns: str, ip: str, port: int, timeout: float = 0.5, attempts
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def sbed() -> AsyncIterator[ServiceBed]:
-    b = ServiceBed()
-    try:
-        await b.start()
+    async with ServiceBed.running() as b:
         yield b
-    finally:
-        await b.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
