@@ -346,6 +346,69 @@ async def test_watch_versions_timeouts_bookmarks_and_expiry(
         await small.stop()
 
 
+async def test_paginated_lists_come_from_one_snapshot_like_kube_apiserver(
+    server: ApiServer, http: aiohttp.ClientSession
+) -> None:
+    """limit/continue: pages in namespace-then-name order, each page from the first page's snapshot
+    (its resourceVersion throughout; objects created, changed or deleted meanwhile as they were
+    then), remainingItemCount unless a selector filters; a token older than the watch cache is
+    410 Expired, as after an etcd compaction."""
+    for ns in ("a", "b"):
+        server.create("v1/namespaces", {"metadata": {"name": ns}})
+        for i in range(3):
+            server.create("v1/pods", pod(f"p{i}", app="x" if i != 1 else "y"), ns)
+
+    async def page(query: str) -> dict[str, Any]:
+        response = await http.get(f"/api/v1/pods?{query}")
+        body: dict[str, Any] = await response.json()
+        assert response.status == 200, body
+        return body
+
+    def names(listed: dict[str, Any]) -> list[str]:
+        return [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in listed["items"]]
+
+    first = await page("limit=2")
+    snapshot = first["metadata"]["resourceVersion"]
+    assert names(first) == ["a/p0", "a/p1"] and first["metadata"]["remainingItemCount"] == 4
+    # changes after the first page do not show in the later ones
+    server.delete("v1/pods", "p2", "a")
+    server.patch("v1/pods", "p0", {"metadata": {"labels": {"app": "z"}}}, "b")
+    server.create("v1/pods", pod("p00"), "a")
+    server.create("v1/pods", pod("p9"), "b")
+    second = await page(f"limit=2&continue={first['metadata']['continue']}")
+    assert names(second) == ["a/p2", "b/p0"] and second["metadata"]["resourceVersion"] == snapshot
+    assert second["items"][1]["metadata"]["labels"] == {"app": "x"}
+    assert second["metadata"]["remainingItemCount"] == 2
+    last = await page(f"limit=2&continue={second['metadata']['continue']}")
+    assert names(last) == ["b/p1", "b/p2"] and "continue" not in last["metadata"]
+    # a fresh list sees the changes; a selector filters each page (no remainingItemCount then)
+    assert names(await page("")) == ["a/p0", "a/p00", "a/p1", "b/p0", "b/p1", "b/p2", "b/p9"]
+    selective = await page("limit=2&labelSelector=app%3Dx")
+    assert names(selective) == ["a/p0", "b/p2"] and "remainingItemCount" not in selective["metadata"]
+    assert "continue" not in selective["metadata"]  # nothing else matches
+    selective = await page("limit=1&labelSelector=app%3Dx")
+    rest = await page(f"limit=1&labelSelector=app%3Dx&continue={selective['metadata']['continue']}")
+    assert names(selective) + names(rest) == ["a/p0", "b/p2"] and "continue" not in rest["metadata"]
+    assert (await http.get("/api/v1/pods?limit=2&continue=bogus")).status == 400
+
+    # a token from before the watch cache's oldest change: 410 Expired, start again
+    small = ApiServer(watch_cache_size=3, kopf_peering=False)
+    url = await small.start()
+    try:
+        for i in range(3):
+            small.create("v1/nodes", {"metadata": {"name": f"n{i}"}})
+        async with aiohttp.ClientSession(url) as session:
+            token = (await (await session.get("/api/v1/nodes?limit=1")).json())["metadata"]["continue"]
+            for i in range(3, 7):
+                small.create("v1/nodes", {"metadata": {"name": f"n{i}"}})
+            response = await session.get(f"/api/v1/nodes?limit=1&continue={token}")
+            status = await response.json()
+            assert (response.status, status["reason"]) == (410, "Expired")
+        assert small.errors == []
+    finally:
+        await small.stop()
+
+
 async def test_finalizers_and_json_patch_test_op(api: client.ApiClient, http: aiohttp.ClientSession) -> None:
     crs = client.CustomObjectsApi(api)
     body = vsc("node-a")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import copy
+import heapq
 import json
 from collections.abc import Iterator, Mapping
 
@@ -49,6 +51,9 @@ class Store(kmock.KubernetesEmulator):
     _dependents: dict[str, set[str]] = attrs.field(factory=lambda: collections.defaultdict(set), init=False)
     _specs: dict[kmock.resource, ResourceSpec] = attrs.field(factory=dict, init=False)
     _log: collections.deque[Change] = attrs.field(init=False)
+    # Per resource: the live keys in list order, kept sorted on every create and delete (a page of a
+    # paginated list is found by bisection instead of sorting every object for every page).
+    _order: dict[kmock.resource, list[Key]] = attrs.field(factory=dict, init=False)
     _watchers: set[Watcher] = attrs.field(factory=set, init=False)
 
     @_log.default
@@ -144,38 +149,97 @@ class Store(kmock.KubernetesEmulator):
             raise error(400, "BadRequest", str(e)) from None
 
     def _matching(self, spec: ResourceSpec, flt: Filter) -> list[tuple[Key, JSON]]:
-        items = [(key, obj) for key, obj in self._live[spec.ref].items() if flt(obj)]
-        return sorted(items, key=lambda kv: (kv[0][0] or "", kv[0][1]))
+        live = self._live[spec.ref]
+        return [(key, obj) for key in self._ordered(spec.ref) if flt(obj := live[key])]
+
+    def _ordered(self, ref: kmock.resource) -> list[Key]:
+        """The live keys of a resource in list order (namespace, then name)."""
+        order = self._order.get(ref)
+        live = self._live[ref]
+        if order is None or len(order) != len(live):  # first use, or a resource dropped wholesale
+            order = self._order[ref] = sorted(live, key=_list_order)
+        return order
 
     def list_objects(
         self, spec: ResourceSpec, ns: str | None, params: Mapping[str, str] | None = None
     ) -> JSON:
+        """A list, or one page of it (``limit``, ``continue``) as kube-apiserver serves it: every page
+        of a paginated list comes from the same snapshot, the first page's resourceVersion (changes
+        since then are undone from the watch cache); a continue token older than the watch cache is
+        410 Expired, and the client has to list from the start."""
         params = params or {}
-        items = self._matching(spec, self._filter(spec, ns, None, params))
-        meta: JSON = {"resourceVersion": str(self._rv)}
-        if token := params.get("continue"):
-            try:
-                after = tuple(json.loads(base64.urlsafe_b64decode(token)))
-            except ValueError:
-                raise error(400, "BadRequest", "invalid continue token") from None
-            items = [(k, o) for k, o in items if ((k[0] or ""), k[1]) > after]
+        flt = self._filter(spec, ns, None, params)
         try:
             limit = int(params.get("limit") or 0)
         except ValueError:
             raise error(400, "BadRequest", "limit must be an integer") from None
-        if limit > 0 and len(items) > limit:
-            last = items[limit - 1][0]
+        snapshot, after = self._rv, None
+        if token := params.get("continue"):
+            try:
+                rv, after_ns, after_name = json.loads(base64.urlsafe_b64decode(token))
+                snapshot, after = int(rv), (str(after_ns), str(after_name))
+            except (ValueError, TypeError):
+                raise error(400, "BadRequest", "invalid continue token") from None
+        if snapshot > self._rv:
+            raise error(400, "BadRequest", "invalid continue token")
+        items, more = self._page(spec, flt, snapshot, after, limit)
+        meta: JSON = {"resourceVersion": str(snapshot)}
+        if more is not None:
+            last = items[-1][0]
             meta["continue"] = base64.urlsafe_b64encode(
-                json.dumps([last[0] or "", last[1]]).encode()
+                json.dumps([snapshot, last[0] or "", last[1]]).encode()
             ).decode()
-            meta["remainingItemCount"] = len(items) - limit
-            items = items[:limit]
+            if not (params.get("labelSelector") or params.get("fieldSelector")):
+                meta["remainingItemCount"] = more  # kube-apiserver leaves it out for selective lists
         return {
             "kind": f"{spec.kind}List",
             "apiVersion": spec.api_version,
             "metadata": meta,
             "items": [o for _, o in items],
         }
+
+    def _page(
+        self, spec: ResourceSpec, flt: Filter, snapshot: int, after: tuple[str, str] | None, limit: int
+    ) -> tuple[list[tuple[Key, JSON]], int | None]:
+        """The objects matching ``flt`` as of ``snapshot``, in list order after the key ``after``: at
+        most ``limit`` of them (0: all), and how many objects (matching or not) follow when more do."""
+        live = self._live[spec.ref]
+        past: dict[Key, JSON | None] = {}  # the objects changed since the snapshot, as they were then
+        if snapshot < self._rv:
+            oldest = self._log[0].rv if self._log else self._rv + 1
+            if snapshot + 1 < oldest:
+                raise error(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. "
+                    "You can start a new list without the continue parameter.",
+                )
+            for change in reversed(self._log):
+                if change.rv <= snapshot:
+                    break
+                if change.ref == spec.ref:
+                    meta = change.obj["metadata"]
+                    past[(meta.get("namespace") if spec.namespaced else None, meta["name"])] = change.old
+        order = self._ordered(spec.ref)
+        start = 0 if after is None else bisect.bisect_right(order, after, key=_list_order)
+        gone = sorted((k for k in past if k not in live and (after is None or _list_order(k) > after)),
+                      key=_list_order)  # fmt: skip
+        rest = (order[i] for i in range(start, len(order)))
+        keys = heapq.merge(rest, gone, key=_list_order)
+        items: list[tuple[Key, JSON]] = []
+        for n, key in enumerate(keys):
+            obj = past[key] if key in past else live[key]
+            if obj is None or not flt(obj):
+                continue
+            if limit > 0 and len(items) == limit:  # the rest as of the snapshot (its count estimated)
+                newer = sum(
+                    1
+                    for k, was in past.items()
+                    if was is None and k in live and _list_order(k) >= _list_order(key)
+                )
+                return items, len(order) - start + len(gone) - n - newer
+            items.append((key, obj))
+        return items, None
 
     def _all_live(self) -> Iterator[tuple[ResourceSpec, Key, JSON]]:
         for ref, objs in list(self._live.items()):
@@ -197,11 +261,14 @@ class Store(kmock.KubernetesEmulator):
             assert final is not None and old is not None
             final["metadata"]["resourceVersion"] = str(rv)
             del live[key]
+            self._unorder(spec.ref, key)
             self._uids.pop(old["metadata"].get("uid", ""), None)
             stored = final
         else:
             assert obj is not None
             obj["metadata"]["resourceVersion"] = str(rv)
+            if old is None and (order := self._order.get(spec.ref)) is not None:
+                bisect.insort(order, key, key=_list_order)
             live[key] = obj
             self._uids[obj["metadata"]["uid"]] = (spec.ref, key)
             self._index_owners(obj, add=True)
@@ -215,6 +282,13 @@ class Store(kmock.KubernetesEmulator):
         if kind == "DELETED":
             self._after_delete(spec, stored)
         return stored
+
+    def _unorder(self, ref: kmock.resource, key: Key) -> None:
+        order = self._order.get(ref)
+        if order is not None:
+            i = bisect.bisect_left(order, _list_order(key), key=_list_order)
+            if i < len(order) and order[i] == key:
+                del order[i]
 
     def _after_delete(self, spec: ResourceSpec, obj: JSON) -> None:
         """Called once an object is gone from the store; the layers above extend it (with super())."""
@@ -272,3 +346,7 @@ class Store(kmock.KubernetesEmulator):
         """End every watch stream cleanly (clients see EOF and reconnect): used at shutdown."""
         for watcher in self._watchers:
             watcher.queue.put_nowait(None)
+
+
+def _list_order(key: Key) -> tuple[str, str]:
+    return (key[0] or "", key[1])
