@@ -5,9 +5,14 @@ none of them may block another's deletion. The node's own VSwitchConfig drives b
 tunnel and host routes; every other node's config becomes a tunnel route; Pods of this node tell
 which attachments are gone; all Pods, Namespaces and NetworkPolicies feed the policy flows.
 
+kopf watches the few objects (VSwitchConfigs, Services, EndpointSlices); the cluster's Pods,
+Namespaces and NetworkPolicies, tens of thousands of them, come through lean informers instead
+(kvswitch.handlers.informer: paginated lists, watches decoded line by line, no object kept).
+
 While the API server is away the datapath stays as it is (only the CNI changes pods' own flows);
-kopf and our own calls retry until it is back (kvswitch.kube), and objects deleted meanwhile that
-no watch reports are found by listing again (kvswitch.handlers.relist).
+kopf, the informers and our own calls retry until it is back (kvswitch.kube), and objects deleted
+meanwhile that no watch reports are found by listing again (kvswitch.handlers.relist for kopf's
+kinds, the informers for theirs).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, cast
 import kopf
 
 from kvswitch.config import GROUP, PLURAL, VERSION, AgentSettings, InvalidConfig, parse_spec
+from kvswitch.handlers.informer import Informer
 from kvswitch.handlers.relist import Kind, KnownObjects, RelistSweeper, Stub
 from kvswitch.kube import VSwitchConfigs, api_client, list_objects, ride_out_api_outages
 from kvswitch.node.agent import NodeAgent
@@ -30,13 +36,15 @@ from kvswitch.status import merge_condition, ready_condition
 
 log = logging.getLogger(__name__)
 SETTINGS = AgentSettings.from_env()
-# The resources the agent follows (kopf watches them; start-up and relist sweeps list them).
+# The resources the agent follows (kopf or the informers watch them; start-up and relist sweeps
+# list them).
 VSWITCHCONFIGS, PODS, NAMESPACES = f"/apis/{GROUP}/{VERSION}/{PLURAL}", "/api/v1/pods", "/api/v1/namespaces"
 NETWORKPOLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
 SERVICES, ENDPOINTSLICES = "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"
 POD_LOOKUP_TIMEOUT = 2.0  # seconds: one GET of a pod for an ADD whose pod the watch has not brought
 # Seconds between start-up attempts (kopf's default is 60): start-up fails when OVS is restarting.
 STARTUP_RETRY = 2.0
+CHUNK_SIZE = 500  # objects per page of kopf's own lists
 
 
 @kopf.on.startup(backoff=STARTUP_RETRY)
@@ -45,27 +53,31 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # Pods are watched cluster-wide: NetworkPolicy peers live on every node.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 4
+    settings.watching.chunk_size = CHUNK_SIZE
     ride_out_api_outages(settings)
     api = await api_client()
     configs = VSwitchConfigs(api)
     agent = NodeAgent(SETTINGS)
     known = KnownObjects()
-    memo.api, memo.configs, memo.agent, memo.known = api, configs, agent, known
+    feeds = PolicyFeeds(api, agent)
+    memo.api, memo.configs, memo.agent, memo.known, memo.feeds = api, configs, agent, known, feeds
     memo.sweeper = relist_sweeper(api, agent, known)
-    agent.pod_lookup = lambda namespace, name: read_pod(api, known, namespace, name)
+    agent.pod_lookup = lambda namespace, name: read_pod(api, feeds.pods, namespace, name)
     try:
-        await start_up(api, configs, agent, known)
+        await start_up(api, configs, agent, known, feeds)
     except BaseException:
         # kopf retries start-up from scratch, with a new agent: release what this attempt holds,
         # the CNI server's socket first (the next attempt's server refuses a live one, for ever).
         log.warning("start-up failed; releasing what it holds before kopf retries")
-        for release in (memo.sweeper.close, agent.stop, api.close):
+        for release in (memo.sweeper.close, feeds.stop, agent.stop, api.close):
             with contextlib.suppress(Exception):
                 await release()
         raise
 
 
-async def start_up(api: Any, configs: VSwitchConfigs, agent: NodeAgent, known: KnownObjects) -> None:
+async def start_up(
+    api: Any, configs: VSwitchConfigs, agent: NodeAgent, known: KnownObjects, feeds: PolicyFeeds
+) -> None:
     # The start-up lists wait for the API (kvswitch.kube.call_api): the old round's flows stay.
     await agent.start()
     # Apply every known config before the old flow round is removed: no window without routes.
@@ -73,18 +85,20 @@ async def start_up(api: Any, configs: VSwitchConfigs, agent: NodeAgent, known: K
         known.record(VSWITCHCONFIGS, obj, deleted=False)
         await apply_config(agent, configs, obj)
     # Policies before the old round goes: a restarted agent never opens an isolated pod.
-    await load_policy_inputs(api, agent, known)
+    await feeds.load()
     await agent.sync_ports()
     await agent.apply_policy()
     # Services too: established connections through a Service keep their endpoints' flows.
     await load_services(api, agent, known)
     await agent.apply_services()
     await agent.finish_startup()
+    feeds.start()  # watched from the versions listed: nothing since is missed
 
 
-async def read_pod(api: Any, known: KnownObjects, namespace: str, name: str) -> PodInfo | None:
+async def read_pod(api: Any, pods: Informer, namespace: str, name: str) -> PodInfo | None:
     """One GET of a pod, for an ADD whose pod the watch has not brought yet (no retries: the ADD
-    waits for it); recorded as the watch would, so the relist sweep covers it too."""
+    waits for it); held by the pod informer as if listed, so its next list finds the pod's
+    deletion too."""
     from kubernetes_asyncio import client
 
     try:
@@ -101,27 +115,19 @@ async def read_pod(api: Any, known: KnownObjects, namespace: str, name: str) -> 
         if exc.status == 404:
             return None
         raise
-    known.record(PODS, obj, deleted=False)
+    pods.record(obj)
     return PodInfo.parse(obj)
 
 
 def relist_sweeper(api: Any, agent: NodeAgent, known: KnownObjects) -> RelistSweeper:
-    """Deletions for the objects that vanished while a watch was away (see kvswitch.handlers.relist)."""
+    """Deletions for kopf's kinds' objects that vanished while a watch was away (see
+    kvswitch.handlers.relist); the informers find their own."""
 
     def lister(path: str) -> Any:
         return lambda: list_objects(api, path)
 
     async def forget_config(stub: Stub) -> None:
         await agent.set_remote(stub["metadata"]["name"], None)
-
-    async def forget_pod(stub: Stub) -> None:
-        await _on_pod(agent, stub, deleted=True)
-
-    async def forget_namespace(stub: Stub) -> None:
-        _namespace(agent, stub, deleted=True)
-
-    async def forget_policy(stub: Stub) -> None:
-        _policy(agent, stub, deleted=True)
 
     async def forget_service(stub: Stub) -> None:
         _service(agent, stub, deleted=True)
@@ -131,9 +137,6 @@ def relist_sweeper(api: Any, agent: NodeAgent, known: KnownObjects) -> RelistSwe
 
     kinds = {
         VSWITCHCONFIGS: Kind(lister(VSWITCHCONFIGS), forget_config),
-        PODS: Kind(lister(PODS), forget_pod),
-        NAMESPACES: Kind(lister(NAMESPACES), forget_namespace),
-        NETWORKPOLICIES: Kind(lister(NETWORKPOLICIES), forget_policy),
         SERVICES: Kind(lister(SERVICES), forget_service),
         ENDPOINTSLICES: Kind(lister(ENDPOINTSLICES), forget_slice),
     }
@@ -166,27 +169,101 @@ def report_slow_callbacks(ms: str | None) -> None:
         loop.slow_callback_duration = int(ms) / 1000
 
 
-async def load_policy_inputs(api: Any, agent: NodeAgent, known: KnownObjects) -> None:
-    pods, nss, policies = [], [], []
-    for raw in await list_objects(api, PODS):
-        known.record(PODS, raw, deleted=False)
-        pods.append(PodInfo.parse(raw))
-    for raw in await list_objects(api, NAMESPACES):
-        known.record(NAMESPACES, raw, deleted=False)
-        nss.append(NamespaceInfo.parse(raw))
-    for raw in await list_objects(api, NETWORKPOLICIES):
-        known.record(NETWORKPOLICIES, raw, deleted=False)
+class PolicyFeeds:
+    """The cluster's Pods, Namespaces and NetworkPolicies into the agent's policy inputs, through
+    one informer each; this node's pods also to the datapath (which attachments are gone), in order
+    and off the watch's path (a deletion awaits a port sync)."""
+
+    def __init__(self, api: Any, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.pods = Informer(api, PODS, self._pod)
+        self.namespaces = Informer(api, NAMESPACES, self._namespace)
+        self.policies = Informer(api, NETWORKPOLICIES, self._policy)
+        self.informers = (self.pods, self.namespaces, self.policies)
+        self.local: set[str] = set()  # keys of this node's pods
+        self._local_changes: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        # While loading: the parsed inputs, handed to the agent at once (replace_policy_inputs).
+        self._loading: tuple[list[PodInfo], list[NamespaceInfo], list[Policy]] | None = None
+
+    async def load(self) -> None:
+        """List all three (at once, page by page) and replace the agent's policy inputs with them."""
+        self._loading = ([], [], [])
         try:
-            policies.append(Policy.parse(raw))
+            await asyncio.gather(*(informer.list_all() for informer in self.informers))
+            self.agent.replace_policy_inputs(*self._loading)
+        finally:
+            self._loading = None
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._local_pods(), name="local pod changes")
+        for informer in self.informers:
+            informer.start()
+
+    async def stop(self) -> None:
+        for informer in self.informers:
+            await informer.stop()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    def _pod(self, key: str, obj: dict[str, Any] | None) -> None:
+        pod = None if obj is None else PodInfo.parse(obj)
+        if self._loading is not None and pod is not None:
+            self._loading[0].append(pod)
+        else:
+            self.agent.set_pod(key, pod)
+        local = obj is not None and (obj.get("spec") or {}).get("nodeName") == SETTINGS.node_name
+        if local:
+            self.local.add(key)
+        elif key not in self.local:
+            return
+        if self._loading is None:
+            namespace, name = key.split("/", 1)
+            self._local_changes.put_nowait((namespace, name, local))
+        if not local:
+            self.local.discard(key)
+
+    async def _local_pods(self) -> None:
+        while True:
+            namespace, name, present = await self._local_changes.get()
+            try:
+                if present:
+                    await self.agent.pod_present(namespace, name)
+                else:
+                    await self.agent.pod_deleted(namespace, name)
+            except Exception:
+                log.exception("pod %s/%s: telling the datapath failed", namespace, name)
+
+    def _namespace(self, key: str, obj: dict[str, Any] | None) -> None:
+        ns = None if obj is None else NamespaceInfo.parse(obj)
+        if self._loading is not None and ns is not None:
+            self._loading[1].append(ns)
+        else:
+            self.agent.set_namespace(key.lstrip("/"), ns)
+
+    def _policy(self, key: str, obj: dict[str, Any] | None) -> None:
+        try:
+            policy = None if obj is None else Policy.parse(obj)
         except (KeyError, ValueError, TypeError) as exc:
-            log.error("NetworkPolicy %s cannot be parsed, ignoring it: %s", _key(raw), exc)
-    agent.replace_policy_inputs(pods, nss, policies)
+            log.error("NetworkPolicy %s cannot be parsed, ignoring it: %s", key, exc)
+            return  # its previous version, if any, stays
+        if self._loading is not None:
+            if policy is not None:
+                self._loading[2].append(policy)
+        else:
+            self.agent.set_policy(key, policy)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     if "sweeper" in memo:
         await memo.sweeper.close()
+    if "feeds" in memo:
+        await memo.feeds.stop()
     if "agent" in memo:
         await memo.agent.stop()
     if "api" in memo:
@@ -254,34 +331,6 @@ async def vswitchconfig_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     await apply_config(memo.agent, memo.configs, obj)
 
 
-@kopf.on.event("pods")
-async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _seen(memo, PODS, event)
-    await _on_pod(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
-
-
-async def _on_pod(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
-    _pod(agent, obj, deleted)
-    meta, node = obj["metadata"], (obj.get("spec") or {}).get("nodeName")
-    if node == SETTINGS.node_name:
-        if deleted:
-            await agent.pod_deleted(meta.get("namespace", ""), meta["name"])
-        else:
-            await agent.pod_present(meta.get("namespace", ""), meta["name"])
-
-
-@kopf.on.event("namespaces")
-async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _seen(memo, NAMESPACES, event)
-    _namespace(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
-
-
-@kopf.on.event("networking.k8s.io", "v1", "networkpolicies")
-async def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _seen(memo, NETWORKPOLICIES, event)
-    _policy(memo.agent, cast(dict[str, Any], event["object"]), event["type"] == "DELETED")
-
-
 @kopf.on.event("", "v1", "services")
 async def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _seen(memo, SERVICES, event)
@@ -311,20 +360,3 @@ def _service(agent: NodeAgent, obj: dict[str, Any], deleted: bool, warn: bool = 
 def _key(obj: dict[str, Any]) -> str:
     meta = obj["metadata"]
     return f"{meta.get('namespace', '')}/{meta['name']}"
-
-
-def _pod(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
-    agent.set_pod(_key(obj), None if deleted else PodInfo.parse(obj))
-
-
-def _namespace(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
-    agent.set_namespace(obj["metadata"]["name"], None if deleted else NamespaceInfo.parse(obj))
-
-
-def _policy(agent: NodeAgent, obj: dict[str, Any], deleted: bool) -> None:
-    try:
-        policy = None if deleted else Policy.parse(obj)
-    except (KeyError, ValueError, TypeError) as exc:
-        log.error("NetworkPolicy %s cannot be parsed, ignoring it: %s", _key(obj), exc)
-        return
-    agent.set_policy(_key(obj), policy)
