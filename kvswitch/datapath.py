@@ -219,7 +219,7 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
                 table=Table.OUTPUT,
                 priority=prio,
                 match=f"ct_state={state}+trk,{mark}ip{source}",
-                actions=f"{ct_commit(*bits)},{output(REG_OUT_PORT)}",
+                actions=f"{ct_commit(*bits)},{goto(Table.EGRESS_METRIC)}",
             )
             for prio, source, bits in (
                 (PRIO_LOW + 1, f",{FROM_GATEWAY.match}", (CtMark.ALLOWED, CtMark.FROM_GATEWAY)),
@@ -227,7 +227,11 @@ def node_flows(spec: VSwitchConfigSpec, gateway_ofport: int, tunnel_ofport: int)
             )
             for state, mark in (("+new", ""), ("-new", f"{ct_mark_match(unset=(CtMark.ALLOWED,))},"))
         ),
-        Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=output(REG_OUT_PORT)),
+        Flow(table=Table.OUTPUT, priority=PRIO_DEFAULT, actions=goto(Table.EGRESS_METRIC)),
+        # EGRESS_METRIC, INGRESS_METRIC: each rule's counter flows (kvswitch.policy.flows) sit
+        # above these defaults; a packet of a connection no rule allowed is counted nowhere.
+        Flow(table=Table.EGRESS_METRIC, priority=PRIO_DEFAULT, actions=goto(Table.INGRESS_METRIC)),
+        Flow(table=Table.INGRESS_METRIC, priority=PRIO_DEFAULT, actions=output(REG_OUT_PORT)),
     ]
 
 

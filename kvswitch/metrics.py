@@ -12,13 +12,18 @@ time by a collector.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from kvswitch.policy.stats import RuleRef
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,51 @@ POLICY_COMPUTATION = Histogram(
     "NetworkPolicy recomputations of this node's policy flows (selection, clauses, flows)",
     buckets=_LATENCY,
 )
+
+_RULE_LABELS = ["namespace", "policy", "direction", "rule"]
+POLICY_RULE_SESSIONS = Counter(
+    "kvswitch_policy_rule_sessions",
+    "Connections a NetworkPolicy rule allowed on this node (their first packets)",
+    _RULE_LABELS,
+)
+POLICY_RULE_PACKETS = Counter(
+    "kvswitch_policy_rule_packets",
+    "Packets, both directions, of the connections a NetworkPolicy rule allowed on this node",
+    _RULE_LABELS,
+)
+POLICY_RULE_BYTES = Counter(
+    "kvswitch_policy_rule_bytes",
+    "Bytes (Ethernet frames), both directions, of the connections a NetworkPolicy rule allowed",
+    _RULE_LABELS,
+)
+AUDIT_LINES = Counter(
+    "kvswitch_policy_audit_lines", "NetworkPolicy decisions written to the audit log", ["verdict"]
+)
+
+
+def record_rule_counters(
+    deltas: Mapping[tuple[bool, int, bool], tuple[int, int]], names: Mapping[int, RuleRef]
+) -> None:
+    """Add the counter flows' increments (kvswitch.policy.stats) to the per-rule counters."""
+    for (_, rule, new), (packets, nbytes) in deltas.items():
+        ref = names.get(rule)
+        if ref is None:
+            continue  # a rule whose policy is gone: its flows go with the next update
+        labels = (ref.namespace, ref.name, ref.direction, str(ref.index))
+        if new:
+            POLICY_RULE_SESSIONS.labels(*labels).inc(packets)
+        POLICY_RULE_PACKETS.labels(*labels).inc(packets)
+        POLICY_RULE_BYTES.labels(*labels).inc(nbytes)
+
+
+def forget_rules(refs: Iterable[RuleRef]) -> None:
+    """Rules that no longer have flows here: their series go (bounded label sets)."""
+    for ref in refs:
+        labels = (ref.namespace, ref.name, ref.direction, str(ref.index))
+        for counter in (POLICY_RULE_SESSIONS, POLICY_RULE_PACKETS, POLICY_RULE_BYTES):
+            with contextlib.suppress(KeyError):
+                counter.remove(*labels)
+
 
 # --- controller --------------------------------------------------------------------------------
 CONTROLLER_NODES = Gauge("kvswitch_controller_nodes", "Nodes the controller sees")

@@ -44,11 +44,12 @@ class PolicyBed:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def running(cls, nodes: int = 2) -> AsyncIterator[Self]:
-        """Started, and torn down whatever happens (tests' module fixtures)."""
+    async def running(cls, nodes: int = 2, **settings: object) -> AsyncIterator[Self]:
+        """Started (``settings``: the agents' own), and torn down whatever happens (tests' module
+        fixtures)."""
         bed = cls()
         try:
-            await bed.start(nodes)
+            await bed.start(nodes, **settings)
             yield bed
         finally:
             await bed.stop()
@@ -56,7 +57,7 @@ class PolicyBed:
     def gateway_ip(self, node: Node) -> str:
         return f"10.244.{node.index}.1"
 
-    async def start(self, nodes: int = 2) -> None:
+    async def start(self, nodes: int = 2, **settings: object) -> None:
         register_run(self.bed.run_id)
         self.bed.add_nodes(nodes)
         self.bed.seed_tunnel_neighbours()
@@ -78,7 +79,7 @@ class PolicyBed:
         for node in self.bed.nodes.values():
             run(["ip", "route", "add", f"10.244.{node.index}.0/24", "via", node.underlay_ip], self.ext_ns)
             d = self.bed.workdir / node.name
-            agent = NodeAgent(agent_settings(node, d))
+            agent = NodeAgent(agent_settings(node, d, **settings))
             await agent.start()
             await agent.apply_local(specs[node.name])
             for other, spec in specs.items():

@@ -16,19 +16,22 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from kvswitch import metrics
 from kvswitch.cni import install as cni_install
 from kvswitch.cni.contract import ID_POD_NAME, ID_POD_NAMESPACE
 from kvswitch.cni.server import CniServer
 from kvswitch.cni.spec import CniError, Code
 from kvswitch.config import AgentSettings, ServiceProxy, VSwitchConfigSpec
+from kvswitch.node.audit import AuditLog
 from kvswitch.node.datapath import NodeDatapath
 from kvswitch.node.policy import PolicyInputs
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
 from kvswitch.ovs.ovsdb import PortInfo
-from kvswitch.ovs.pipeline import NODEPORT_VIP, Category, Owner
+from kvswitch.ovs.pipeline import AUDIT_USERDATA, NODEPORT_VIP, Category, Owner, Table
 from kvswitch.ovs.reject import RejectResponder
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
+from kvswitch.policy.stats import CounterDeltas, RuleCounters, RuleRef, parse_counter_flows, rule_counters
 from kvswitch.services.flows import NodeContext
 from kvswitch.services.health import HealthCheckServers
 from kvswitch.services.state import ServiceState
@@ -63,6 +66,14 @@ class NodeAgent:
         self.services_applied = 0
         self.reject = RejectResponder(self.datapath.ofctl.target, settings.ovs_rundir)
         self.health = HealthCheckServers(settings.host_netns)
+        names = _PolicyNames(self)
+        self.audit = AuditLog(
+            settings.audit_log, names, settings.audit_log_max_bytes, settings.audit_log_backups
+        )
+        self.reject.handlers[AUDIT_USERDATA] = self.audit.handle
+        self.rule_stats: dict[tuple[bool, int], RuleCounters] = {}  # as last read: (ingress, rule id)
+        self._rule_deltas = CounterDeltas()
+        self._counted_rules: dict[int, RuleRef] = {}
         # ADD's fallback when the pod watch lags (a restarted agent's watch starts after start-up):
         # set by the handlers; without it ADD waits for the watch alone.
         self.pod_lookup: PodLookup | None = None
@@ -75,6 +86,10 @@ class NodeAgent:
     async def start(self) -> None:
         """Bridge and a new flow round; flows of the previous round stay until finish_startup."""
         await self.datapath.start()
+        try:
+            await asyncio.to_thread(self.audit.start)
+        except OSError as exc:  # no audit log is no reason to leave the node without a network
+            log.error("NetworkPolicy audit log %s unavailable: %s", self.settings.audit_log, exc)
         if self.settings.install_cni:
             await asyncio.to_thread(cni_install.install, self.settings.cni_bin_dir)
         await self.cni_server.start()
@@ -87,6 +102,8 @@ class NodeAgent:
         self._spawn(self._policy_loop())
         self._spawn(self._service_loop())
         self._spawn(self.reject.run())
+        if self.settings.policy_stats_interval > 0:
+            self._spawn(self._policy_stats_loop(self.settings.policy_stats_interval))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(coro))
@@ -100,6 +117,7 @@ class NodeAgent:
         self._tasks.clear()
         await self.cni_server.stop()
         await self.health.close()
+        await asyncio.to_thread(self.audit.stop)
         await self.datapath.stop()
 
     # --- this node ------------------------------------------------------------------------
@@ -322,3 +340,48 @@ class NodeAgent:
                 log.exception("applying NetworkPolicy failed; will retry on the next change")
                 await asyncio.sleep(1.0)
                 self._policy_dirty.set()
+
+    # --- NetworkPolicy statistics -------------------------------------------------------------
+
+    async def read_policy_stats(self) -> dict[tuple[bool, int], RuleCounters]:
+        """Read the rule counter flows once: :attr:`rule_stats` and the Prometheus counters."""
+        ofctl = self.datapath.ofctl
+        text = "".join(
+            [
+                await ofctl.dump_with_stats(f"table={int(t)}")
+                for t in (Table.EGRESS_METRIC, Table.INGRESS_METRIC)
+            ]
+        )
+        flows = parse_counter_flows(text)
+        refs = {rule: RuleRef.parse(name) for rule, name in self.policy.table.rules().items()}
+        metrics.record_rule_counters(self._rule_deltas.update(flows), refs)
+        gone = {rule: ref for rule, ref in self._counted_rules.items() if rule not in refs}
+        metrics.forget_rules(gone.values())
+        self._counted_rules = refs
+        self.rule_stats = rule_counters(flows)
+        return self.rule_stats
+
+    async def _policy_stats_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.read_policy_stats()
+            except Exception as exc:
+                log.warning("reading NetworkPolicy rule counters failed: %s", exc)
+
+
+class _PolicyNames:
+    """Names for the audit log, from the agent's state."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    def rule(self, rule: int) -> RuleRef | None:
+        name = self.agent.policy.table.rules().get(rule)
+        return RuleRef.parse(name) if name else None
+
+    def pod(self, ip: str) -> str | None:
+        return next((f"{p.namespace}/{p.name}" for p in self.agent.datapath.local_pods() if p.ip == ip), None)
+
+    def isolating(self, ip: str, ingress: bool) -> list[str]:
+        return self.agent.policy.table.audited_policies(ip, ingress)

@@ -23,6 +23,7 @@ from kvswitch.ovs.groups import Group
 from kvswitch.ovs.openflow import FlowReconciler, Ofctl, ResyncReport
 from kvswitch.ovs.ovsdb import AsyncOvsdb, EnsureBridge, EnsurePort, PortInfo
 from kvswitch.ovs.pipeline import (
+    AUDIT_METER,
     CT_ZONE,
     EXT_ROLE,
     GATEWAY_MAC,
@@ -62,9 +63,15 @@ class PurgingReconciler(FlowReconciler):
     """A reconciler that calls ``after_change`` once a bundle (or a resync repair) changed the
     bridge: every flow-table change, whoever made it, is followed by it."""
 
-    def __init__(self, ofctl: Ofctl, after_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        ofctl: Ofctl,
+        after_change: Callable[[], Awaitable[None]],
+        before_resync: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(ofctl)
         self._after_change = after_change
+        self._before_resync = before_resync
 
     async def set_many(
         self,
@@ -77,6 +84,8 @@ class PurgingReconciler(FlowReconciler):
         return changed
 
     async def resync(self) -> ResyncReport:
+        if self._before_resync is not None:  # what flows refer to (meters) goes in first
+            await self._before_resync()
         report = await super().resync()
         if report.changed:
             await self._after_change()
@@ -100,7 +109,7 @@ class NodeDatapath:
         self.state = DatapathState()
         self.host = HostNetwork(settings.host_netns)
         self.ofctl = Ofctl(settings.bridge, settings.ovs_rundir)
-        self.reconciler = PurgingReconciler(self.ofctl, self.purge_stale_megaflows)
+        self.reconciler = PurgingReconciler(self.ofctl, self.purge_stale_megaflows, self.ensure_meters)
         # OVS's userspace datapath before 2.17.8/3.0.5/3.1.3/3.2.0 can leave a megaflow with its old
         # actions after a flow-table change (docs/networkpolicy.md, "Datapath cache"): decided at
         # start from the running vswitchd's version and the datapath type.
@@ -132,7 +141,14 @@ class NodeDatapath:
         await self.db.ensure_bridge(s.bridge, datapath_type=s.datapath_type)
         await self._wait_for_mgmt()
         await self.decide_megaflow_purge()
+        await self.ensure_meters()
         await self.reconciler.start(self.db, s.bridge)
+
+    async def ensure_meters(self) -> None:
+        """The audit log's meter (a bridge that lost its flows lost its meters too)."""
+        s = self.settings
+        if await self.ofctl.ensure_meter(AUDIT_METER, s.audit_rate, s.audit_burst or s.audit_rate):
+            log.info("audit meter %d: %d packets/s", AUDIT_METER, s.audit_rate)
 
     async def finish_startup(self) -> None:
         await self.sync_ports()

@@ -126,6 +126,24 @@ class Ofctl:
         text = await self._run("dump-flows", "--no-stats", self.target, *filters)
         return await asyncio.to_thread(parse_dump_index, text)  # 100k flows parse in ~0.2 s
 
+    async def dump_with_stats(self, *filters: str) -> str:
+        """``dump-flows`` text with each flow's counters (n_packets, n_bytes)."""
+        return await self._run("dump-flows", self.target, *filters)
+
+    async def ensure_meter(self, meter: int, rate: int, burst: int) -> bool:
+        """A drop meter of ``rate`` packets/s (``burst`` packets); True when added or changed."""
+        text = await self._run("dump-meters", self.target)
+        config = re.search(rf"^meter={meter} (.*)\n(.*)$", text, re.M)
+        if (
+            config
+            and "pktps burst" in config.group(1)
+            and f"rate={rate} burst_size={burst}" in config.group(2)
+        ):
+            return False
+        spec = f"meter={meter},pktps,burst,band=type=drop,rate={rate},burst_size={burst}"
+        await self._run("mod-meter" if config else "add-meter", self.target, spec)
+        return True
+
     async def reachable(self) -> bool:
         try:
             await self._run("show", self.target)

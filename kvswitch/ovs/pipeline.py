@@ -94,7 +94,9 @@ class Table(IntEnum):
     EGRESS = 40  # NetworkPolicy egress of local pods (first packet of a connection)
     L3_FORWARD = 50  # by destination IP: gateway, local pod, remote pod CIDR (tunnel), external
     INGRESS = 60  # NetworkPolicy ingress of local pods
-    OUTPUT = 70  # commits new connections, hairpin SNAT, sends to the port in REG_OUT_PORT
+    OUTPUT = 70  # commits new connections (policy rules into ct_label), hairpin SNAT
+    EGRESS_METRIC = 71  # counts packets, bytes and sessions per egress NetworkPolicy rule
+    INGRESS_METRIC = 72  # the same per ingress rule; sends to the port in REG_OUT_PORT
     SENTINEL = 253  # holds only the sentinel flow; nothing resubmits here (254 is OVS-internal)
 
 
@@ -203,6 +205,42 @@ AFFINITY_HIT = REG_AFFINITY.mark(1)  # a learned affinity entry chose the endpoi
 REG_SERVICE_GROUP = RegField(5)  # the Service port's group id, so endpoint flows are per Service
 
 
+@dataclass(frozen=True)
+class RuleField:
+    """A NetworkPolicy rule's 64-bit id (:func:`kvswitch.policy.flows.rule_id`): in two registers
+    (``hi``, ``lo``) from the rule that allowed a new connection to OUTPUT, which commits it into
+    64 bits of ct_label from bit ``label_lo``, so every later packet of the connection, both ways,
+    is counted for the rule (EGRESS_METRIC / INGRESS_METRIC)."""
+
+    hi: RegField
+    lo: RegField
+    label_lo: int
+
+    def load(self, rule: int) -> str:
+        return f"{self.hi.load(rule >> 32)},{self.lo.load(rule & 0xFFFFFFFF)}"
+
+    def match(self, rule: int) -> str:
+        """A packet whose connection a rule allowed in this pass (a new connection)."""
+        return f"{self.hi.match(rule >> 32)},{self.lo.match(rule & 0xFFFFFFFF)}"
+
+    def label_match(self, rule: int) -> str:
+        """A packet of a connection committed with ``rule`` (as OVS prints it)."""
+        return f"ct_label={_hex(rule << self.label_lo)}/{(0xFFFFFFFFFFFFFFFF << self.label_lo):#x}"
+
+    @property
+    def to_label(self) -> str:
+        """The moves (inside a ct commit's exec) that record the rule in the connection."""
+        lo, hi = self.label_lo, self.label_lo + 32
+        return (
+            f"move:{self.lo.nxm}->NXM_NX_CT_LABEL[{lo}..{lo + 31}],"
+            f"move:{self.hi.nxm}->NXM_NX_CT_LABEL[{hi}..{hi + 31}]"
+        )
+
+
+EGRESS_RULE = RuleField(RegField(6), RegField(7), 0)  # ct_label[0..63]
+INGRESS_RULE = RuleField(RegField(8), RegField(9), 64)  # ct_label[64..127]
+
+
 # --- actions: jumps and register moves -------------------------------------------------------
 def goto(table: Table) -> str:
     return f"goto_table:{int(table)}"
@@ -271,8 +309,10 @@ def ct_unsnat(then: Table) -> str:
 
 
 def ct_commit(*bits: CtMark) -> str:
-    """Commit in CT_ZONE, setting ``bits`` of ct_mark."""
-    return f"ct(commit,zone={CT_ZONE},exec({_ct_mark_set(*bits)}))"
+    """Commit in CT_ZONE, setting ``bits`` of ct_mark and recording the NetworkPolicy rules that
+    allowed the connection (zero: none) in ct_label."""
+    rules = f"{EGRESS_RULE.to_label},{INGRESS_RULE.to_label}"
+    return f"ct(commit,zone={CT_ZONE},exec({_ct_mark_set(*bits)},{rules}))"
 
 
 CT_COMMIT = f"ct(commit,zone={CT_ZONE})"
@@ -317,6 +357,23 @@ def reject_connection() -> str:
     """A Service frontend without endpoints: the agent answers with a TCP RST or an ICMP port
     unreachable (kvswitch.ovs.reject), as kube-proxy does."""
     return REJECT_ACTION
+
+
+# --- NetworkPolicy audit log -------------------------------------------------------------------
+# A logged policy's rules and isolation send a copy of a connection's first packet to the agent
+# (kvswitch.node.audit), through a meter: a flood loses log lines, never forwarded packets.
+AUDIT_METER = 1  # OpenFlow meter id (packets/s) of those copies
+AUDIT_USERDATA = b"kvs-aud1"  # tags the copies' packet-ins; the trailing digit versions the contract
+AUDIT_COPY_BYTES = 128  # headers are all the log needs
+
+
+def audit_action(allowed: bool, ingress: bool, rule: int = 0) -> str:
+    """Copy the packet to the audit log: the verdict, direction and (allowed) the rule's id."""
+    data = (
+        AUDIT_USERDATA + (b"A" if allowed else b"D") + (b"I" if ingress else b"E") + rule.to_bytes(8, "big")
+    )
+    userdata = ".".join(f"{b:02x}" for b in data)
+    return f"controller(max_len={AUDIT_COPY_BYTES},userdata={userdata},meter_id={AUDIT_METER})"
 
 
 # --- ARP responder ---------------------------------------------------------------------------
@@ -375,6 +432,7 @@ PRIO_POLICY_CONJ = 200  # conjunctive rule matches
 PRIO_POLICY_ALLOW = 250  # rules without peer or port restriction
 PRIO_POLICY_NODE = 300  # a pod and its own node always talk
 PRIO_POLICY_ESTABLISHED = 400
+PRIO_POLICY_METRIC = 110  # EGRESS_METRIC / INGRESS_METRIC: one rule's counters
 
 PRIO_SERVICE = 200  # Service frontends and endpoint DNAT
 PRIO_SERVICE_AFFINITY = 300  # a connection an affinity entry claimed

@@ -26,8 +26,10 @@ Design
   ``NXT_SET_PACKET_IN_FORMAT(NXPIF_NXT_PACKET_IN2)``. A BARRIER after the three set-up messages
   marks the connection ready (:meth:`RejectResponder.wait_connected`); an error for any of them
   drops the connection.
-* **Which packet-ins.** Only those whose ``NXPINT_USERDATA`` equals :data:`USERDATA`; all others
-  (other userdata, none, pauses/continuations of someone else's flows) are counted in ``ignored``.
+* **Which packet-ins.** Only those whose ``NXPINT_USERDATA`` equals :data:`USERDATA`; those whose
+  userdata starts with a key of :attr:`RejectResponder.handlers` go to that handler (the
+  NetworkPolicy audit log shares this connection); all others (other userdata, none,
+  pauses/continuations of someone else's flows) are counted in ``ignored``.
   The action text is exactly OVS's own rendering (``ovs-ofctl -O OpenFlow15 dump-flows``), so
   the flow reconciler's string comparison holds; the tests check it against a live bridge.
 * **The answer** (:func:`reject_reply`, pure). Ethernet src/dst swapped from the packet (VLAN tags
@@ -425,6 +427,8 @@ class RejectResponder:
         self._xid = 0x100
         self._last_warning = -1e9
         self._suppressed = 0
+        # Other packet-ins of the bridge, by the first 8 bytes of their userdata (the audit log's).
+        self.handlers: dict[bytes, Callable[[PacketIn], None]] = {}
 
     @property
     def connected(self) -> bool:
@@ -514,6 +518,13 @@ class RejectResponder:
         except OpenFlowError as exc:
             self._warn_limited("%s", exc)
             self.ignored += 1
+            return
+        handler = self.handlers.get(pin.userdata[:8]) if pin.userdata else None
+        if handler is not None:
+            try:
+                handler(pin)
+            except Exception:  # one bad packet must not drop the connection
+                log.exception("packet-in handler for %r failed", pin.userdata)
             return
         port = pin.in_port
         if pin.userdata != USERDATA or port is None or (port >= OFPP_MAX and port != OFPP_LOCAL):

@@ -99,6 +99,10 @@ class PolicyResult:
     clauses: list[Clause] = field(default_factory=list)
     ingress_isolated: set[str] = field(default_factory=set)
     egress_isolated: set[str] = field(default_factory=set)
+    # Policies with the audit log on (kvswitch.io/log), and the pods such a policy isolates.
+    logged: set[str] = field(default_factory=set)
+    audited_ingress: set[str] = field(default_factory=set)
+    audited_egress: set[str] = field(default_factory=set)
 
 
 class PolicyEntry(NamedTuple):
@@ -530,6 +534,12 @@ class PolicyState:
                 result.ingress_isolated |= targets
             if entry.policy.egress is not None:
                 result.egress_isolated |= targets
+            if entry.policy.log:
+                result.logged.add(key)
+                if entry.policy.ingress is not None:
+                    result.audited_ingress |= targets
+                if entry.policy.egress is not None:
+                    result.audited_egress |= targets
             result.clauses += (self.materialize(c, targets) for c in entry.clauses)
         return result
 

@@ -14,6 +14,8 @@ reference); :class:`NodePolicyFlows` keeps it per event, with shared group contr
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,14 +24,20 @@ from typing import Protocol, cast
 
 from kvswitch.ovs.flows import Flow, FlowKey
 from kvswitch.ovs.pipeline import (
+    EGRESS_RULE,
+    INGRESS_RULE,
     L4_PROTO,
     PRIO_POLICY_ALLOW,
     PRIO_POLICY_CONJ,
     PRIO_POLICY_ISOLATED,
+    PRIO_POLICY_METRIC,
+    REG_OUT_PORT,
     Category,
     Owner,
     Table,
+    audit_action,
     goto,
+    output,
 )
 from kvswitch.policy.compute import (
     ANY_ADDRESS,
@@ -56,9 +64,58 @@ class RuleClause(Protocol):
     def ingress(self) -> bool: ...
 
 
-def allow_actions(clause: RuleClause) -> str:
-    """What a flow admitting ``clause``'s traffic does: the one place these actions are built."""
-    return goto(Table.OUTPUT if clause.ingress else Table.L3_FORWARD)
+def rule_name(policy: str, ingress: bool, index: int) -> str:
+    """A rule's name: ``namespace/policy|in|0`` (its clauses' keys start with it)."""
+    return f"{policy}|{'in' if ingress else 'out'}|{index}"
+
+
+def rule_key(clause_key: str) -> str:
+    """The rule a clause comes from (a rule with several port groups has several clauses)."""
+    return "|".join(clause_key.split("|", 3)[:3])
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def rule_id(rule: str) -> int:
+    """A rule's 64-bit id, as its connections carry it in ct_label: a hash of its name, so every
+    agent, every restart and the CLI agree on it without a table (64 bits: no two rules of a
+    cluster share one in practice)."""
+    return int.from_bytes(hashlib.blake2b(rule.encode(), digest_size=8).digest(), "big") or 1
+
+
+def allow_actions(clause: RuleClause, logged: bool = False) -> str:
+    """What a flow admitting ``clause``'s traffic does: the one place these actions are built.
+    The rule's id goes into registers (OUTPUT commits it into ct_label, for the rule's counters),
+    and for a ``logged`` policy a copy of the packet goes to the audit log."""
+    return _allow_actions(clause.key, clause.ingress, logged)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _allow_actions(key: str, ingress: bool, logged: bool) -> str:
+    rule = rule_id(rule_key(key))
+    audit = f"{audit_action(True, ingress, rule)}," if logged else ""
+    load = (INGRESS_RULE if ingress else EGRESS_RULE).load(rule)
+    return f"{audit}{load},{goto(Table.OUTPUT if ingress else Table.L3_FORWARD)}"
+
+
+def deny_actions(ingress: bool, logged: bool) -> str:
+    """What an isolated pod's default drop does: nothing, or copy the packet to the audit log."""
+    return audit_action(False, ingress) if logged else "drop"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def metric_flows(clause_key: str, ingress: bool) -> tuple[tuple[FlowKey, str], tuple[FlowKey, str]]:
+    """The two counter flows of the rule of a clause: its new connections (the rule is in the
+    registers; OUTPUT's commit leaves the packet untracked, so no ct_state) and every later packet
+    of them, both ways (ct_label)."""
+    rule = rule_id(rule_key(clause_key))
+    if ingress:
+        field, table, then = INGRESS_RULE, int(Table.INGRESS_METRIC), output(REG_OUT_PORT)
+    else:
+        field, table, then = EGRESS_RULE, int(Table.EGRESS_METRIC), goto(Table.INGRESS_METRIC)
+    return (
+        ((table, PRIO_POLICY_METRIC, f"ip,{field.match(rule)}"), then),
+        ((table, PRIO_POLICY_METRIC, f"ct_state=-new+trk,{field.label_match(rule)},ip"), then),
+    )
 
 
 def bucket_owner(bucket: int) -> Owner:
@@ -201,6 +258,13 @@ def _finish(key: FlowKey, contributions: Mapping[object, Contribution], joined: 
                 else:
                     fragments.update(c.values())
             actions = ",".join(sorted(fragments))
+    elif priority == PRIO_POLICY_ISOLATED and table in _POLICY_TABLES:
+        # an isolated pod's drop: logged when any policy isolating it is ("controller(" < "drop")
+        actions = min(
+            fragment
+            for c in contributions.values()
+            for fragment in ((c,) if isinstance(c, str) else c.values())
+        )
     else:
         best: tuple[str, str] | None = None
         for who, c in contributions.items():
@@ -212,19 +276,25 @@ def _finish(key: FlowKey, contributions: Mapping[object, Contribution], joined: 
     return Flow.model_construct(table=table, priority=priority, match=match, actions=actions, cookie=0)
 
 
+_POLICY_TABLES = (int(Table.INGRESS), int(Table.EGRESS))
+
+
 def _is_conj(clause: Clause) -> bool:
     return clause.peers is not None or clause.ports is not None
 
 
-def _clause_contributions(clause: Clause, cid: int, ips: frozenset[str]) -> Iterator[tuple[FlowKey, str]]:
+def _clause_contributions(
+    clause: Clause, cid: int, ips: frozenset[str], logged: bool = False
+) -> Iterator[tuple[FlowKey, str]]:
     """Every (flow key, fragment) one clause contributes, its local targets being ``ips``."""
     table = int(Table.INGRESS if clause.ingress else Table.EGRESS)
     target_field, peer_field = ("nw_dst", "nw_src") if clause.ingress else ("nw_src", "nw_dst")
+    yield from metric_flows(clause.key, clause.ingress)
     if not cid:
         for ip in ips:
-            yield (table, PRIO_POLICY_ALLOW, f"ip,{target_field}={ip}"), allow_actions(clause)
+            yield (table, PRIO_POLICY_ALLOW, f"ip,{target_field}={ip}"), allow_actions(clause, logged)
         return
-    yield (table, PRIO_POLICY_CONJ, f"conj_id={cid},ip"), allow_actions(clause)
+    yield (table, PRIO_POLICY_CONJ, f"conj_id={cid},ip"), allow_actions(clause, logged)
     dims: list[tuple[Iterable[str], str]] = [(ips, target_field)]
     if clause.peers is not None:
         dims.append((clause.peers, peer_field))
@@ -247,13 +317,18 @@ def policy_flows(result: PolicyResult, local_pods: Iterable[PodInfo], ids: ConjI
     scratch, clause by clause: the reference the incremental :class:`NodePolicyFlows` must equal."""
     local = {p.key: p.ip for p in local_pods if p.ip is not None}
     contrib: dict[FlowKey, dict[object, Contribution]] = defaultdict(dict)
-    for ingress, isolated in ((False, result.egress_isolated), (True, result.ingress_isolated)):
+    for ingress, isolated, audited in (
+        (False, result.egress_isolated, result.audited_egress),
+        (True, result.ingress_isolated, result.audited_ingress),
+    ):
         for pod in isolated & local.keys():
-            contrib[_isolation_key(ingress, local[pod])][pod + ISOLATION] = "drop"
+            fragment = deny_actions(ingress, pod in audited)
+            contrib[_isolation_key(ingress, local[pod])][pod + ISOLATION] = fragment
     relevant = [(c, ips) for c in result.clauses if (ips := _local_ips(c, local))]
     conj = ids.assign(c.key for c, _ in relevant if _is_conj(c))
     for clause, ips in relevant:
-        for fk, fragment in _clause_contributions(clause, conj.get(clause.key, 0), ips):
+        logged = clause.key.partition("|")[0] in result.logged
+        for fk, fragment in _clause_contributions(clause, conj.get(clause.key, 0), ips, logged):
             contrib[fk][clause.key] = fragment
     joined: dict[int, str] = {}
     return [_finish(k, v, joined) for k, v in sorted(contrib.items())]
@@ -279,8 +354,9 @@ class _Rendered:
     ports), per dimension (targets, peers, ports) the priority, match field ("" for port
     matches), fragment and the values it contributes itself, and the group views it uses."""
 
-    __slots__ = ("clause", "dims", "direct", "shape", "table", "targets", "views")
+    __slots__ = ("clause", "dims", "direct", "logged", "shape", "table", "targets", "views")
     clause: ClauseSpec
+    logged: bool
     targets: frozenset[str] | None  # local IPs of the listed targets (None: the target group's)
     table: int
     shape: tuple[int, int, str, bool, bool, bool]
@@ -295,10 +371,11 @@ class _Rendered:
         group: GroupKey,
         targets: frozenset[str] | None,
         like: _Rendered | None = None,
+        logged: bool = False,
     ) -> None:
-        self.clause, self.targets = clause, targets
+        self.clause, self.targets, self.logged = clause, targets, logged
         self.table = table = int(Table.INGRESS if clause.ingress else Table.EGRESS)
-        allow = allow_actions(clause)
+        allow = allow_actions(clause, logged)
         shape = (table, cid, allow, clause.any_peer, clause.ports is None, targets is None)
         if like is not None and like.shape == shape:  # a clause re-rendered: its dimensions stay
             self.shape, dims = like.shape, like.dims
@@ -350,6 +427,7 @@ class _Tracked:
     clauses: dict[str, tuple[ClauseSpec, frozenset[str] | None]]
     isolation: frozenset[tuple[ViewId, str]]
     conj: frozenset[str]  # keys of the clauses with a conjunction id
+    logged: bool = False  # the policy's decisions go to the audit log
 
 
 _NO_IPS: frozenset[str] = frozenset()
@@ -382,6 +460,7 @@ class NodePolicyFlows:
         self._buckets: list[dict[FlowKey, Flow]] = [{} for _ in range(BUCKETS)]
         self._pending: set[int] = set(range(BUCKETS))  # buckets not confirmed installed
         self._touched: set[FlowKey] = set()
+        self._rule_names: dict[int, str] | None = None  # rules(), until the next update
         # (id(before), id(after)) → (before, after, gone, came): the operands stay referenced, so
         # their ids are not reused while the memo lives (one update).
         self._diffs: dict[tuple[int, int], tuple[object, object, frozenset[str], frozenset[str]]] = {}
@@ -399,6 +478,26 @@ class NodePolicyFlows:
         """What :meth:`pending` returned is installed."""
         self._pending.clear()
 
+    # --- names for statistics and the audit log ---------------------------------------------
+
+    def rules(self) -> dict[int, str]:
+        """Rule id → rule name, for every rule with flows on this node."""
+        if self._rule_names is None:
+            self._rule_names = {rule_id(r): r for r in {rule_key(ck) for ck in self._rendered}}
+        return self._rule_names
+
+    def audited_policies(self, ip: str, ingress: bool) -> list[str]:
+        """The logged policies that isolate local pod ``ip`` in that direction."""
+        table = int(Table.INGRESS if ingress else Table.EGRESS)
+        return sorted(
+            key
+            for key, t in self._tracked.items()
+            if t.logged
+            and t.group is not None
+            and ip in self._tvals.get(t.group, _NO_IPS)
+            and any(vid[2] == table for vid, _ in t.isolation)
+        )
+
     # --- update ---------------------------------------------------------------------------
 
     def update(self, local_pods: Iterable[PodInfo]) -> int:
@@ -408,6 +507,7 @@ class NodePolicyFlows:
             return self._update(local_pods)
 
     def _update(self, local_pods: Iterable[PodInfo]) -> int:
+        self._rule_names = None
         local = {p.key: (p.namespace, p.ip) for p in local_pods if p.ip}
         changed_ns: set[str] = set()
         for key in self._local.keys() | local.keys():
@@ -494,8 +594,9 @@ class NodePolicyFlows:
         ips = self._tvals.get(group)
         if ips is None:
             ips = self._tvals[group] = self._target_values(group)
+        logged = entry.policy.log
         if not ips:
-            return _Tracked(group, False, {}, frozenset(), frozenset())
+            return _Tracked(group, False, {}, frozenset(), frozenset(), logged)
         clauses: dict[str, tuple[ClauseSpec, frozenset[str] | None]] = {}
         conj = []
         for c in entry.clauses:
@@ -507,10 +608,14 @@ class NodePolicyFlows:
         table = int(Table.INGRESS), int(Table.EGRESS)
         isolation = []
         if entry.policy.ingress is not None:
-            isolation.append((("T", group, table[0], PRIO_POLICY_ISOLATED, "nw_dst"), "drop"))
+            isolation.append(
+                (("T", group, table[0], PRIO_POLICY_ISOLATED, "nw_dst"), deny_actions(True, logged))
+            )
         if entry.policy.egress is not None:
-            isolation.append((("T", group, table[1], PRIO_POLICY_ISOLATED, "nw_src"), "drop"))
-        return _Tracked(group, True, clauses, frozenset(isolation), frozenset(conj))
+            isolation.append(
+                (("T", group, table[1], PRIO_POLICY_ISOLATED, "nw_src"), deny_actions(False, logged))
+            )
+        return _Tracked(group, True, clauses, frozenset(isolation), frozenset(conj), logged)
 
     def _render_policy(self, key: str, old: _Tracked, new: _Tracked) -> None:
         if old.isolation != new.isolation:
@@ -528,10 +633,16 @@ class NodePolicyFlows:
         for ck, (clause, listed) in new.clauses.items():
             prev = rendered.get(ck)
             cid = ids[ck] if not clause.any_peer or clause.ports is not None else 0
-            if prev is not None and prev.clause is clause and prev.targets == listed and prev.cid == cid:
+            if (
+                prev is not None
+                and prev.clause is clause
+                and prev.targets == listed
+                and prev.cid == cid
+                and prev.logged == new.logged
+            ):
                 continue
             assert new.group is not None
-            now = rendered[ck] = _Rendered(clause, cid, new.group, listed, prev)
+            now = rendered[ck] = _Rendered(clause, cid, new.group, listed, prev, new.logged)
             self._render_clause(ck, prev, now)
 
     def _render_clause(self, ck: str, old: _Rendered | None, new: _Rendered | None) -> None:
@@ -553,6 +664,8 @@ class NodePolicyFlows:
             return
         if old is not None:
             table = old.table
+            for fk, _ in metric_flows(ck, old.clause.ingress):
+                self._retract(fk, ck)
             if old.cid:
                 self._retract((table, PRIO_POLICY_CONJ, f"conj_id={old.cid},ip"), ck)
             for (prio, field, _), values in zip(old.dims, old.direct, strict=True):
@@ -562,6 +675,8 @@ class NodePolicyFlows:
                 self._unuse(vid, ck)
         if new is not None:
             table = new.table
+            for fk, fragment in metric_flows(ck, new.clause.ingress):
+                self._add(fk, ck, fragment)
             if new.cid:
                 self._add((table, PRIO_POLICY_CONJ, f"conj_id={new.cid},ip"), ck, new.shape[2])
             for (prio, field, fragment), values in zip(new.dims, new.direct, strict=True):

@@ -36,6 +36,7 @@ def _labels(data: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 PortRange = tuple[str, int, int]  # (protocol, first, last); (proto, 0, 65535) = every port
 ALL_PORTS = (0, 65535)
+LOG_ANNOTATION = "kvswitch.io/log"  # "true" on a NetworkPolicy: its allow and deny decisions are logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +211,7 @@ class Policy:
     pod_selector: Selector
     ingress: tuple[Rule, ...] | None  # None: the policy does not isolate ingress
     egress: tuple[Rule, ...] | None
+    log: bool = False  # annotation kvswitch.io/log: "true": its decisions go to the audit log
 
     @property
     def key(self) -> str:
@@ -230,6 +232,7 @@ class Policy:
             Selector.parse(spec.get("podSelector")),
             ingress if "Ingress" in types else None,
             egress if "Egress" in types else None,
+            (meta.get("annotations") or {}).get(LOG_ANNOTATION) == "true",
         )
 
 

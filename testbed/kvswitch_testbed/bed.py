@@ -232,6 +232,7 @@ def agent_settings(node: Node, workdir: Path, **extra: object) -> AgentSettings:
             "cni_bin_dir": str(workdir / "cni-bin"),
             "cni_socket": str(workdir / "cni.sock"),
             "ipam_data_dir": str(workdir / "ipam"),
+            "audit_log": str(workdir / "np.log"),
             **extra,
         }
     )
