@@ -205,6 +205,7 @@ EXPECTED_CONTAINERS: dict[str, tuple[bool, set[str], dict[str, bool]]] = {
             "/var/run/netns": True,
             "/opt/cni/bin": True,
             "/var/lib/cni/networks": False,
+            "/var/log/kvswitch": False,
         },
     ),
     "k-vswitch-controller/controller": (False, set(), {}),

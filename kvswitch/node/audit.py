@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from kvswitch import metrics
 from kvswitch.ovs.pipeline import AUDIT_USERDATA
 from kvswitch.ovs.reject import PacketIn
 from kvswitch.policy.stats import RuleRef
@@ -194,3 +195,4 @@ class AuditLog:
         now = datetime.datetime.now(datetime.UTC)
         self._logger.info(format_line(decision, packet, self.names, now))
         self.lines += 1
+        metrics.AUDIT_LINES.labels("allow" if decision.allowed else "deny").inc()
