@@ -9,6 +9,7 @@ against what real packets do on the same path.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -264,6 +265,24 @@ def test_flows_shows_the_pods_flows_with_counters(bed: Bed) -> None:
     assert " 60 INGRESS" in text and "packets" in text
 
 
+def test_policy_stats_counts_each_rules_connections_on_its_node(bed: Bed) -> None:
+    def web_rule() -> dict[str, Any]:
+        rows = bed.ctl_json("policy-stats", "--policy", "default/web-ingress")
+        assert {(r["policy"], r["direction"], r["rule"], r["node"]) for r in rows} == {
+            ("default/web-ingress", "ingress", 0, "node2")
+        }, rows
+        return dict(rows[0])
+
+    before = web_rule()
+    for _ in range(3):
+        assert tcp_reaches(bed.pods["client"], bed.ip("web"), 80)
+    after = web_rule()
+    assert after["sessions"] == before["sessions"] + 3
+    assert after["packets"] >= before["packets"] + 3 * 6  # handshake, data, echo, FINs
+    text = bed.ctl("policy-stats").stdout
+    assert re.search(rf"default/web-ingress\s+ingress\s+0\s+node2\s+{after['sessions']}\s", text), text
+
+
 def test_policy_lists_what_selects_a_pod(bed: Bed) -> None:
     web = bed.ctl_json("policy", "--pod", "default/web")
     assert web["ingress"]["isolated"] and not web["egress"]["isolated"]
@@ -322,9 +341,10 @@ def test_live_packet_follows_the_allowed_path_and_is_kept_from_the_pod(bed: Bed)
     hops = t["live"]["hops"]
     assert [h["node"] for h in hops] == ["node1", "node2"] and all(h["complete"] for h in hops), hops
     node1, node2 = live_tables(t)
-    assert node1[:2] == ["CLASSIFIER", "SPOOF_GUARD"] and node1[-2:] == ["L3_FORWARD", "OUTPUT"]
-    assert node2[0] == "CLASSIFIER" and node2[-1] == "OUTPUT"  # crossed the tunnel for real
-    assert "followed the traced path to its end, node2 OUTPUT" in t["live"]["text"]
+    assert node1[:2] == ["CLASSIFIER", "SPOOF_GUARD"]
+    assert node1[-4:] == ["L3_FORWARD", "OUTPUT", "EGRESS_METRIC", "INGRESS_METRIC"]
+    assert node2[0] == "CLASSIFIER" and node2[-1] == "INGRESS_METRIC"  # crossed the tunnel for real
+    assert "followed the traced path to its end, node2 INGRESS_METRIC" in t["live"]["text"]
     assert rx_packets(web) == before  # observed at the output, never handed to the pod
     assert trace_cookies_left(bed) == []
 
@@ -333,7 +353,7 @@ def test_live_packet_is_dropped_where_the_trace_says(bed: Bed) -> None:
     t = bed.trace("other", "default/web", "--dport", "80", "--live")
     assert t["verdict"]["reason"] == "policy-ingress"
     node1, node2 = live_tables(t)
-    assert node1[-1] == "OUTPUT" and node2[-1] == "INGRESS"
+    assert node1[-1] == "INGRESS_METRIC" and node2[-1] == "INGRESS"
     assert "node2 INGRESS" in t["live"]["text"] and t["live"]["text"].endswith(": dropped")
     t = bed.trace("locked", "default/other", "--dport", "80", "--live")
     (only,) = live_tables(t)
