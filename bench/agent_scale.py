@@ -8,15 +8,16 @@ holding 110 of the pods.
 1. Memory (in a fresh process): every object goes through ``json.loads`` (what the watch client
    hands over) and the handlers' parsing into a ``NodeAgent`` (``PodInfo.parse`` → ``set_pod`` and
    so on), then the node's policy flows are computed; RSS of that process, and tracemalloc's
-   biggest allocation sites in a second fresh process. Also shown: what kopf keeps per watched
-   object in the real agent (its ResourceMemory, by kopf's own code) and the relist bookkeeping's
-   stubs, and an idle agent's RSS (its imports). Goal: <= 250 MiB (Cilium's agent at 1,000 nodes /
-   50k pods: 438 MiB average). Section 2 prints the real agent process's RSS as well.
-2. Event throughput, through the real watch: a real agent process (``k-vswitchd`` under kopf, the
-   test kit's Cluster: fake API server, real OVS node) holding the cluster above; 1,000 pod events
-   per second (create / relabel / delete, in namespaces the node's policies read) for 10 s; then
-   the lag until the node's policy flows are what a fresh computation from the API's objects gives
-   (every flow, byte for byte with conjunction ids matched). Goal: keeps up, lag <= 1 s.
+   biggest allocation sites in a second fresh process. Also shown: what the real agent's informers
+   keep per object (key and resourceVersion), and an idle agent's RSS (its imports). Goal:
+   <= 250 MiB (Cilium's agent at 1,000 nodes / 50k pods: 438 MiB average). Section 2 prints the
+   real agent process's RSS as well.
+2. Event throughput, through the real watch: a real agent process (``k-vswitchd``: kopf and the
+   informers; the test kit's Cluster: fake API server, real OVS node) holding the cluster above;
+   1,000 pod events per second (create / relabel / delete, in namespaces the node's policies
+   read) for 10 s; then the lag until the node's policy flows are what a fresh computation from
+   the API's objects gives (every flow, byte for byte with conjunction ids matched). Goal: keeps
+   up, lag <= 1 s.
 3. Cold start: that agent killed and started again on its node with 110 pods: time from the process
    start to every flow of the new round installed and the old round removed, with a ping stream
    between two of the node's pods (100/s) counting losses. Goal: <= 5 s, 0 lost.
@@ -392,39 +393,20 @@ def core_events(agent: Any, pod_info: Any, pods: int, namespaces: int, n: int = 
     return (time.process_time() - t0) / len(texts) * 1e6
 
 
-def relist_records(pods: int, namespaces: int, policies: int) -> float:
-    """MiB the agent's relist bookkeeping (kvswitch.handlers.relist.KnownObjects) keeps for the
-    cluster: a stub of every object, recorded as the handlers record each watch event."""
-    from kvswitch.handlers.relist import KnownObjects
+def informer_records(pods: int, namespaces: int, policies: int) -> float:
+    """MiB the informers (kvswitch.handlers.informer) keep for the cluster: each object's key and
+    resourceVersion, recorded as a listing records them."""
+    from kvswitch.handlers.informer import key_of
 
-    known = KnownObjects()
+    held: dict[str, dict[str, str]] = {"pod": {}, "namespace": {}, "policy": {}}
     gc.collect()
     before = rss_mib()[0]
-    kinds = {"pod": "/api/v1/pods", "namespace": "/api/v1/namespaces", "policy": "policies"}
     for kind, obj in cluster(pods, namespaces, policies):
-        known.record(kinds[kind], json.loads(json.dumps(obj)), deleted=False)
+        raw = json.loads(json.dumps(obj))
+        held[kind][key_of(raw)] = raw["metadata"]["resourceVersion"]
+        del raw
     gc.collect()
     return rss_mib()[0] - before
-
-
-def kopf_memories(n: int) -> float:
-    """MiB kopf keeps for ``n`` watched objects (a ResourceMemory each, by kopf's own code)."""
-    import asyncio
-
-    from kopf._core.reactor.inventory import ResourceMemories
-
-    async def fill() -> float:
-        memories = ResourceMemories()
-        gc.collect()
-        before = rss_mib()[0]
-        for i in range(n):
-            await memories.recall(
-                {"metadata": {"uid": f"{i:08x}-7c1e-4b5a-9d3e-{i:012x}"}}, noticed_by_listing=True
-            )
-        gc.collect()
-        return rss_mib()[0] - before
-
-    return asyncio.run(fill())
 
 
 def _child(args: argparse.Namespace, what: str) -> Any:
@@ -437,8 +419,7 @@ def _child(args: argparse.Namespace, what: str) -> Any:
 
 def memory(args: argparse.Namespace) -> None:
     m = _child(args, "memory")
-    kopf = _child(args, "kopf")
-    relist = _child(args, "relist")
+    held = _child(args, "informers")
     traced = _child(args, "trace")
     c = m["counts"]
     print(
@@ -451,9 +432,8 @@ def memory(args: argparse.Namespace) -> None:
     )
     print(
         f"   goal <= 250 MiB (Cilium: 438 MiB)   ratio {m['rss'] / 250:.2f}; in the real agent besides: "
-        f"kopf's memory of each watched object ({sum(c.values())}) {kopf:.0f} MiB, the relist "
-        f"bookkeeping's stubs (kvswitch.handlers.relist) {relist:.0f} MiB "
-        f"-> {m['rss'] + kopf + relist:.0f} MiB"
+        f"the informers' key and resourceVersion of each object ({sum(c.values())}) {held:.0f} MiB "
+        f"-> {m['rss'] + held:.0f} MiB"
     )
     core = m["core_us"]
     print(
@@ -468,7 +448,7 @@ def memory(args: argparse.Namespace) -> None:
 # --- 2 and 3: a real agent process, through the fake API server's watch -------------------------
 
 BR = "k-vswitch0"
-POLICY_PRIORITIES = {"100", "200", "250"}  # isolation, conjunctions, plain allows
+POLICY_PRIORITIES = {"100", "110", "200", "250"}  # isolation, a rule's counters, conjunctions, plain allows
 
 
 def _creatable(obj: dict[str, Any]) -> dict[str, Any]:
@@ -514,7 +494,8 @@ def policy_dump(node: Any) -> list[tuple[int, int, str, str]]:
     from kvswitch.ovs.flows import parse_dump
     from kvswitch.ovs.pipeline import Table
 
-    tables = {int(Table.INGRESS), int(Table.EGRESS)}
+    names = ("INGRESS", "EGRESS", "EGRESS_METRIC", "INGRESS_METRIC")  # the metric tables: per-rule counters
+    tables = {int(getattr(Table, name)) for name in names if hasattr(Table, name)}
     text = node.ovs.ofctl("dump-flows", "--no-stats", BR).stdout
     return [
         (f.table, f.priority, f.match, f.actions)
@@ -612,73 +593,75 @@ def real_agent(args: argparse.Namespace) -> None:
     per_ns = args.pods // args.namespaces
     objects = list(cluster(args.pods, args.namespaces, args.policies))
     with Cluster(nodes=1) as c:
-        node = c.bed.nodes[NODE]
-        agent = f"agent-{NODE}"
-        api = c.api
-        assert api is not None
-        # The node's 110 pods, wired by the CNI, in namespaces ns-0 .. ns-10.
-        _apply(
-            c.api,
-            [
-                ("create", k, o)
-                for k, o in objects
-                if k == "namespace"
-                and o["metadata"]["name"] in {f"ns-{i}" for i in range(LOCAL_PODS // per_ns + 1)}
-            ],
-        )
-        t0 = time.monotonic()
-        local = [o for k, o in objects if k == "pod" and o["spec"]["nodeName"] == NODE]
-        for obj in local:
-            meta = obj["metadata"]
-            cp = c.add_pod(node, meta["name"], meta["namespace"], meta["labels"], obj["spec"]["containers"])
-            obj["status"]["podIP"] = cp.ip
-        wired = time.monotonic() - t0
-        print(f"2. a real agent (k-vswitchd, kopf) on {NODE}: its {len(local)} pods wired in {wired:.0f} s")
-        # The rest of the cluster while the agent is down; it lists everything when it starts.
-        c.processes[agent].stop(signal.SIGKILL)
-        old = rounds(node)
-        t0 = time.monotonic()
-        batch: list[tuple[str, str, Any]] = []
-        for kind, obj in objects:
-            if kind == "pod" and obj["spec"]["nodeName"] == NODE:
-                continue
-            if kind == "namespace" and api.get("v1/namespaces", obj["metadata"]["name"]) is not None:
-                continue
-            batch.append(("create", kind, obj))
-            if kind == "pod":
-                batch.append(("status", kind, obj))
-            if len(batch) >= 1000:
-                _apply(c.api, batch)
-                batch = []
-        _apply(c.api, batch)
-        print(
-            f"   the API holds {args.pods} pods, {args.namespaces} namespaces, {args.policies} policies "
-            f"(loaded in {time.monotonic() - t0:.0f} s)"
-        )
-        t0 = time.monotonic()
-        with urllib_open(api.url + "/api/v1/pods") as resp:
-            size = len(resp.read())
-        list_s = time.monotonic() - t0
-        first = start_agent_timed(c, node, old)
-        want = expected_flows(c.api)
-        settle = wait_for("flows as computed", lambda: normalized(policy_dump(node)) == want, 120, 0.2)
-        pid = c.processes[agent].popen.pid
-        print(
-            f"   start with the cluster: every flow of the new round in {first:.1f} s ({len(want)} policy "
-            f"flows; the fake API serves the pod list, {size / MIB:.0f} MiB, in {list_s:.1f} s), as "
-            f"computed {settle:.1f} s later"
-        )
-        busy, cpu = wait_idle(pid)
-        rss, hwm = rss_mib(pid)
-        print(
-            f"   then kopf's own first listing (every object once more, as an event): {busy:.0f} s, "
-            f"{cpu:.0f} s of CPU"
-        )
-        print(
-            f"   agent RSS {rss:.0f} MiB (peak {hwm:.0f})   goal <= 250 MiB (Cilium: 438 MiB)   "
-            f"ratio {rss / 250:.2f}"
-        )
         try:
+            node = c.bed.nodes[NODE]
+            agent = f"agent-{NODE}"
+            api = c.api
+            assert api is not None
+            # The node's 110 pods, wired by the CNI, in namespaces ns-0 .. ns-10.
+            _apply(
+                c.api,
+                [
+                    ("create", k, o)
+                    for k, o in objects
+                    if k == "namespace"
+                    and o["metadata"]["name"] in {f"ns-{i}" for i in range(LOCAL_PODS // per_ns + 1)}
+                ],
+            )
+            t0 = time.monotonic()
+            local = [o for k, o in objects if k == "pod" and o["spec"]["nodeName"] == NODE]
+            for obj in local:
+                meta = obj["metadata"]
+                cp = c.add_pod(
+                    node, meta["name"], meta["namespace"], meta["labels"], obj["spec"]["containers"]
+                )
+                obj["status"]["podIP"] = cp.ip
+            wired = time.monotonic() - t0
+            print(f"2. a real agent (k-vswitchd) on {NODE}: its {len(local)} pods wired in {wired:.0f} s")
+            # The rest of the cluster while the agent is down; it lists everything when it starts.
+            c.processes[agent].stop(signal.SIGKILL)
+            old = rounds(node)
+            t0 = time.monotonic()
+            batch: list[tuple[str, str, Any]] = []
+            for kind, obj in objects:
+                if kind == "pod" and obj["spec"]["nodeName"] == NODE:
+                    continue
+                if kind == "namespace" and api.get("v1/namespaces", obj["metadata"]["name"]) is not None:
+                    continue
+                batch.append(("create", kind, obj))
+                if kind == "pod":
+                    batch.append(("status", kind, obj))
+                if len(batch) >= 1000:
+                    _apply(c.api, batch)
+                    batch = []
+            _apply(c.api, batch)
+            print(
+                f"   the API holds {args.pods} pods, {args.namespaces} namespaces, {args.policies} policies "
+                f"(loaded in {time.monotonic() - t0:.0f} s)"
+            )
+            t0 = time.monotonic()
+            with urllib_open(api.url + "/api/v1/pods") as resp:
+                size = len(resp.read())
+            list_s = time.monotonic() - t0
+            first = start_agent_timed(c, node, old)
+            want = expected_flows(c.api)
+            settle = wait_for("flows as computed", lambda: normalized(policy_dump(node)) == want, 120, 0.2)
+            pid = c.processes[agent].popen.pid
+            print(
+                f"   start with the cluster: every flow of the new round in {first:.1f} s "
+                f"({len(want)} policy flows; the fake API serves the pod list, {size / MIB:.0f} MiB, "
+                f"in {list_s:.1f} s), as computed {settle:.1f} s later"
+            )
+            busy, cpu = wait_idle(pid)
+            rss, hwm = rss_mib(pid)
+            print(
+                f"   then busy until idle (kopf's and the informers' watches settling): {busy:.0f} s, "
+                f"{cpu:.0f} s of CPU"
+            )
+            print(
+                f"   agent RSS {rss:.0f} MiB (peak {hwm:.0f})   goal <= 250 MiB (Cilium: 438 MiB)   "
+                f"ratio {rss / 250:.2f}"
+            )
             want = churn(args, c, node, objects)
             cold_start(args, c, node, local, want)
         finally:
@@ -768,7 +751,7 @@ def churn(
     )
     print(
         f"   the agent used {cpu:.1f} s of CPU for them: {cpu / events * 1000:.2f} ms an event "
-        f"(kopf's processing and the handlers; at {args.rate}/s: {cpu / events * args.rate:.1f} cores)"
+        f"(the informer's decoding and the handlers; at {args.rate}/s: {cpu / events * args.rate:.1f} cores)"
     )
     return want
 
@@ -872,11 +855,8 @@ def main() -> None:
     if args.child == "trace":
         print(json.dumps(load_agent(args.pods, args.namespaces, args.policies, trace=True)))
         return
-    if args.child == "relist":
-        print(json.dumps(relist_records(args.pods, args.namespaces, args.policies)))
-        return
-    if args.child == "kopf":
-        print(json.dumps(kopf_memories(args.pods + args.namespaces + args.policies)))
+    if args.child == "informers":
+        print(json.dumps(informer_records(args.pods, args.namespaces, args.policies)))
         return
     if "1" in args.sections:
         memory(args)
