@@ -1,11 +1,13 @@
-"""Deletions a watch never reports, found by listing again.
+"""Deletions a watch never reports, found by listing again: for the kinds kopf watches
+(VSwitchConfigs, Services, EndpointSlices); the informers of Pods, Namespaces and NetworkPolicies
+find their own (kvswitch.handlers.informer).
 
 kopf resumes a broken watch from its last resourceVersion, and the API server replays what happened
 meanwhile. When it cannot (410 Gone: a restarted API server starts with an empty watch cache, or
 the version was compacted away), kopf lists the resource again and watches on from there: objects
 created or changed meanwhile arrive as listing events (type None), but an object deleted meanwhile
 simply is not in the list, and no DELETED event ever comes for it. The agent would keep its flows
-(a deleted pod's address in other pods' policy flows, a deleted node's tunnel route) for good. The
+(a deleted Service's flows, a deleted node's tunnel route) for good. The
 same gap exists between the agent's own start-up lists and kopf's first listing.
 
 So: every object the agent learns about is recorded with a sequence number (:class:`KnownObjects`);
