@@ -192,3 +192,60 @@ def test_controller_metrics(cluster: Cluster) -> None:
         >= 2
     )
     assert not any(name.startswith("kvswitch_cni_") and v for (name, _), v in m.items())  # agent-only
+
+
+def test_rule_statistics_and_the_audit_log_of_the_real_agent(cluster: Cluster) -> None:
+    """A logged policy on node2's a0 pod: connections from node1's a1 pod are counted per rule in the
+    agent's metrics within 10 s (its default 5 s reading) and logged in node2's audit log."""
+    src, dst = cluster.pods[("default", "node1-p1")], cluster.pods[("default", "node2-p0")]
+    cluster.client.create(
+        "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies",
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "a0-in", "namespace": "default", "annotations": {"kvswitch.io/log": "true"}},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "a0"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a1"}}}]}],
+            },
+        },
+    )
+    labels = {"namespace": "default", "policy": "a0-in", "direction": "ingress", "rule": "0"}
+    wait_for(
+        "a0-in's isolation on node2",
+        lambda: (
+            f"nw_dst={dst.ip} actions=controller" in dst.node.ovs.ofctl("dump-flows", "k-vswitch0").stdout
+        ),
+    )
+    server = netns_socket(dst.netns, socket.AF_INET, socket.SOCK_STREAM)
+    server.bind((dst.ip, 7070))
+    server.listen(8)
+    try:
+        for _ in range(4):
+            client = netns_socket(src.netns, socket.AF_INET, socket.SOCK_STREAM)
+            client.settimeout(2)
+            with client:
+                client.connect((dst.ip, 7070))
+                conn, _ = server.accept()
+                conn.sendall(b"x" * 1000)
+                got = b""
+                while len(got) < 1000:
+                    got += client.recv(1000)
+                conn.close()
+        done = time.monotonic()
+        wait_for(
+            "the rule's 4 sessions in node2's metrics",
+            lambda: value(agent(cluster, "node2"), "kvswitch_policy_rule_sessions_total", **labels) == 4,
+            timeout=10,
+        )
+        assert time.monotonic() - done < 10
+        m = agent(cluster, "node2")
+        assert value(m, "kvswitch_policy_rule_packets_total", **labels) >= 4 * 6
+        assert value(m, "kvswitch_policy_rule_bytes_total", **labels) > 4 * 1000
+        assert value(m, "kvswitch_policy_audit_lines_total", verdict="allow") == 4
+        log = (cluster.node_dir(dst.node) / "np.log").read_text().splitlines()
+        line = f"ALLOW ingress policy=default/a0-in rule=0 pod=default/node2-p0 TCP {src.ip}:"
+        allowed = [x for x in log if line in x]
+        assert len(allowed) == 4, log
+    finally:
+        server.close()
