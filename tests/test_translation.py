@@ -191,6 +191,9 @@ class _RandomCluster:
         self.pods = {ref.pod_key(p): p for p in cluster.pods}
         self.nss = {n["metadata"]["name"]: n for n in cluster.namespaces}
         self.pols = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in cluster.policies}
+        for i, p in enumerate(self.pols.values()):  # the audit log changes the flows' actions
+            if i % 3 == 0:
+                p["metadata"]["annotations"] = {"kvswitch.io/log": "true"}
         self.donors = [
             copy.deepcopy(p) for s in (seed + 100, seed + 200) for p in ref.generate(s, n_cases=1)[0].policies
         ]
@@ -284,6 +287,8 @@ class _RandomCluster:
             ns, name = rng.choice(sorted(self.nss) or ["ns-a"]), f"np-new-{self.serial}"
             key = f"{ns}/{name}"
         donor["metadata"] = {"name": name, "namespace": ns}
+        if rng.random() < 0.3:
+            donor["metadata"]["annotations"] = {"kvswitch.io/log": "true"}
         self.pols[key] = donor
         return [("policy", key, donor)]
 
