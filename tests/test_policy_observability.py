@@ -48,7 +48,7 @@ async def obed() -> AsyncIterator[PolicyBed]:
 
 
 def _web_in(logged: bool) -> dict[str, Any]:
-    p = _policy(
+    p: dict[str, Any] = _policy(
         NS,
         "web-in",
         {
