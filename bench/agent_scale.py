@@ -489,14 +489,15 @@ def _apply(api: Any, batch: list[tuple[str, str, Any]]) -> None:
     api.call(run)
 
 
-def policy_dump(node: Any) -> list[tuple[int, int, str, str]]:
-    """The node's policy flows in OVS: (table, priority, match, actions)."""
+def policy_dump(node: Any, text: str | None = None) -> list[tuple[int, int, str, str]]:
+    """The node's policy flows in OVS (or in a dump of them): (table, priority, match, actions)."""
     from kvswitch.ovs.flows import parse_dump
     from kvswitch.ovs.pipeline import Table
 
     names = ("INGRESS", "EGRESS", "EGRESS_METRIC", "INGRESS_METRIC")  # the metric tables: per-rule counters
     tables = {int(getattr(Table, name)) for name in names if hasattr(Table, name)}
-    text = node.ovs.ofctl("dump-flows", "--no-stats", BR).stdout
+    if text is None:
+        text = node.ovs.ofctl("dump-flows", "--no-stats", BR).stdout
     return [
         (f.table, f.priority, f.match, f.actions)
         for f in parse_dump(text)
@@ -736,14 +737,17 @@ def churn(
             time.sleep(delay)
     t_end = time.monotonic()
     rate = events / (t_end - t_start)
-    with Snapshots(node) as snaps:  # the node's flows every 50 ms while the reference is computed
+    # The node's flows every 50 ms; the reference is computed once the agent is idle (in this
+    # process, it would hold back the fake API server's thread and the dumps while events are due).
+    with Snapshots(node) as snaps:
+        wait_idle(pid, timeout=300)
+        cpu = cpu_seconds(pid) - cpu0
         want = expected_flows(c.api)
         try:
             wait_for("flows as computed after the churn", lambda: snaps.last() == want, 300, 0.05)
             lag = f"{snaps.converged_at(want) - t_end:.2f} s"
         except TimeoutError:
             lag = "not within 300 s"
-    cpu = cpu_seconds(pid) - cpu0
     print(
         f"   event throughput: {events} pod events in {t_end - t_start:.1f} s through the watch "
         f"({rate:.0f}/s; goal {args.rate}/s); the node's flows as a fresh computation gives them "
@@ -763,24 +767,30 @@ class Snapshots:
         import threading
 
         self.node, self.interval = node, interval
-        self.taken: list[tuple[float, list[tuple[int, int, str, str]]]] = []
+        self.taken: list[tuple[float, str]] = []  # raw dumps: parsed afterwards, not while events are due
+        self._parsed: dict[str, set[tuple[Any, ...]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             t = time.monotonic()
-            self.taken.append((t, policy_dump(self.node)))
+            self.taken.append((t, self.node.ovs.ofctl("dump-flows", "--no-stats", BR).stdout))
             self._stop.wait(self.interval)
 
     def last(self) -> set[tuple[Any, ...]] | None:
-        return normalized(self.taken[-1][1]) if self.taken else None
+        return self._normalized(self.taken[-1][1]) if self.taken else None
+
+    def _normalized(self, text: str) -> set[tuple[Any, ...]]:
+        if text not in self._parsed:
+            self._parsed[text] = normalized(policy_dump(self.node, text))
+        return self._parsed[text]
 
     def converged_at(self, want: set[tuple[Any, ...]]) -> float:
         """When the flows became ``want`` and stayed so."""
         at = self.taken[-1][0]
         for t, flows in reversed(self.taken):
-            if normalized(flows) != want:
+            if self._normalized(flows) != want:
                 break
             at = t
         return at
