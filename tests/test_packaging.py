@@ -416,7 +416,7 @@ class TestImage:
 
 
 # kvswitchctl's own operator commands (the product's entry points); the kit adds sandbox, clean-runs.
-PRODUCT_COMMANDS = {"trace", "flows", "policy", "check-datapath"}
+PRODUCT_COMMANDS = {"trace", "flows", "policy", "policy-stats", "check-datapath"}
 
 
 def commands(helptext: str) -> set[str]:
