@@ -80,13 +80,19 @@ async def start_up(
     api: Any, configs: VSwitchConfigs, agent: NodeAgent, known: KnownObjects, feeds: PolicyFeeds
 ) -> None:
     # The start-up lists wait for the API (kvswitch.kube.call_api): the old round's flows stay.
-    await agent.start()
-    # Apply every known config before the old flow round is removed: no window without routes.
-    for obj in await configs.list():
-        known.record(VSWITCHCONFIGS, obj, deleted=False)
-        await apply_config(agent, configs, obj)
-    # Policies before the old round goes: a restarted agent never opens an isolated pod.
-    await feeds.load()
+    # The cluster's pods, namespaces and policies are listed meanwhile (the longest part).
+    listing = asyncio.ensure_future(feeds.list_all())
+    try:
+        await agent.start()
+        # Apply every known config before the old flow round is removed: no window without routes.
+        for obj in await configs.list():
+            known.record(VSWITCHCONFIGS, obj, deleted=False)
+            await apply_config(agent, configs, obj)
+        # Policies before the old round goes: a restarted agent never opens an isolated pod.
+        await listing
+    finally:
+        listing.cancel()
+    feeds.load()
     await agent.sync_ports()
     await agent.apply_policy()
     # Services too: established connections through a Service keep their endpoints' flows.
@@ -187,22 +193,22 @@ class PolicyFeeds:
         # While loading: the parsed inputs, handed to the agent at once (replace_policy_inputs).
         self._loading: tuple[list[PodInfo], list[NamespaceInfo], list[Policy]] | None = None
 
-    async def load(self) -> None:
-        """List all three (at once, page by page) and replace the agent's policy inputs with them."""
+    async def list_all(self) -> None:
+        """List all three (at once, page by page), parsed for :meth:`load`."""
         self._loading = ([], [], [])
         started, cpu = time.monotonic(), time.process_time()
-        try:
-            await asyncio.gather(*(informer.list_all() for informer in self.informers))
-            listed = time.monotonic() - started
-            self.agent.replace_policy_inputs(*self._loading)
-            pods, namespaces, policies = (len(inputs) for inputs in self._loading)
-        finally:
-            self._loading = None
+        await asyncio.gather(*(informer.list_all() for informer in self.informers))
+        pods, namespaces, policies = (len(inputs) for inputs in self._loading)
         log.info(
-            "policy inputs: %d pods, %d namespaces, %d NetworkPolicies listed in %.1f s, loaded %.1f s "
-            "later (%.1f s of CPU)", pods, namespaces, policies, listed, time.monotonic() - started - listed,
-            time.process_time() - cpu,
+            "policy inputs: %d pods, %d namespaces, %d NetworkPolicies listed in %.1f s (%.1f s of CPU)",
+            pods, namespaces, policies, time.monotonic() - started, time.process_time() - cpu,
         )  # fmt: skip
+
+    def load(self) -> None:
+        """Replace the agent's policy inputs with what :meth:`list_all` listed."""
+        assert self._loading is not None
+        inputs, self._loading = self._loading, None
+        self.agent.replace_policy_inputs(*inputs)
 
     def start(self) -> None:
         if self._worker is None:
