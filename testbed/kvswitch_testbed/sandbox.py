@@ -103,7 +103,8 @@ def _policy_demo(cluster: Cluster, endpoints: list[tuple[str, str, str]], overla
         return 0
     cluster.client.create("/apis/networking.k8s.io/v1/namespaces/default/networkpolicies", {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "p1-only-from-p0", "namespace": "default"},
+        "metadata": {"name": "p1-only-from-p0", "namespace": "default",
+                     "annotations": {"kvswitch.io/log": "true"}},
         "spec": {"podSelector": {"matchLabels": {"app": "p1"}},
                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "p0"}}}]}]},
     })  # fmt: skip
@@ -119,7 +120,40 @@ def _policy_demo(cluster: Cluster, endpoints: list[tuple[str, str, str]], overla
     ]
     if wrong:
         _say(f"policy not as expected for {wrong}")
-    return len(wrong)
+    return len(wrong) + _policy_observability(cluster)
+
+
+def _policy_observability(cluster: Cluster) -> int:
+    """The policy's rule counters (as kvswitchctl policy-stats reads them) and its audit log."""
+    from kvswitch.cli.context import NodeOvs
+    from kvswitch.cli.policy_stats import node_counters, render, rows
+    from kvswitch.policy.model import Policy
+    from kvswitch.policy.stats import rule_refs
+
+    policy = cluster.client.get(
+        "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/p1-only-from-p0"
+    )
+    refs = rule_refs([Policy.parse(policy)] if policy else [])
+    per_node = {n: node_counters(NodeOvs(n, str(node.ovs.workdir))) for n, node in cluster.bed.nodes.items()}
+    data = rows(per_node, refs, "default/p1-only-from-p0")
+    print("\nper-rule statistics (kvswitchctl policy-stats)\n" + render(data))
+    sessions = sum(r["sessions"] for r in data)
+    logs = [cluster.node_dir(node) / "np.log" for node in cluster.bed.nodes.values()]
+    deadline = time.monotonic() + 3  # the agents write their logs from a thread
+    while True:
+        lines = {log: log.read_text().splitlines() if log.exists() else [] for log in logs}
+        allow = sum(" ALLOW " in x for ls in lines.values() for x in ls)
+        deny = sum(" DENY " in x for ls in lines.values() for x in ls)
+        if allow >= sessions or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for log, ls in lines.items():
+        if ls:
+            print(f"audit log {log.parent.name}/np.log: {len(ls)} lines, the last: {ls[-1]}")
+    if not sessions or allow != sessions or not deny:
+        _say(f"policy statistics or audit log wrong: {sessions} sessions, {allow} allowed, {deny} denied")
+        return 1
+    return 0
 
 
 def _services_demo(cluster: Cluster, endpoints: list[Endpoint]) -> int:
