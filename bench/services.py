@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,19 @@ class RecordingOfctl(Ofctl):
         if input is not None and args and args[0] in ("bundle", "--bundle"):
             self.sent.append((args, input))
         return await super()._run(*args, input=input)
+
+    @contextlib.asynccontextmanager
+    async def streamed_bundle(self) -> AsyncIterator[Callable[[list[str]], Awaitable[None]]]:
+        lines: list[str] = []
+        async with super().streamed_bundle() as send:
+
+            async def tee(chunk: list[str]) -> None:
+                lines.extend(chunk)
+                await send(chunk)
+
+            yield tee
+        if lines:
+            self.sent.append((("bundle", self.target, "-"), "\n".join(lines) + "\n"))
 
     def take(self) -> list[tuple[tuple[str, ...], str]]:
         out = list(self.sent)

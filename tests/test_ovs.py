@@ -270,6 +270,66 @@ class TestReconciler:
         live = [x for x in await switch.ofctl.dump() if x.table == 3]
         assert len(live) == 1 and live[0].cookie == rec.cookie(B)
 
+    async def test_streamed_bundle_is_one_atomic_change(self, switch: Switch) -> None:
+        """set_streamed writes each owner's lines as they are produced, in chunks; whatever fails
+        on the way (the producer, a conflict, a line OVS refuses) leaves the bridge and the
+        reconciler's memory as they were."""
+        from kvswitch.ovs.groups import Group
+        from kvswitch.ovs.openflow import _BundleStream
+
+        rec = FlowReconciler(switch.ofctl)
+        await rec.set_many(switch.forward())
+        before = switch.raw_dump()
+        owners = [Owner(Category.TEST, f"s{i}") for i in range(300)]
+
+        def flows(i: int, actions: str = "drop") -> list[Flow]:
+            return [
+                Flow(table=6, priority=i + 1, match=f"ip,nw_dst=10.7.{i // 250}.{i % 250}", actions=actions)
+            ]
+
+        def group(i: int) -> list[Group]:
+            bucket = "bucket=bucket_id:0,weight:100,actions=drop"
+            return [Group(group_id=i + 1, type="select", selection_method="dp_hash", buckets=(bucket,))]
+
+        def produce(owner: Owner) -> tuple[list[Flow], list[Group]]:
+            i = owners.index(owner)
+            return flows(i), group(i)
+
+        def failing(owner: Owner) -> tuple[list[Flow], list[Group]]:
+            if owner == owners[250]:
+                raise RuntimeError("translation failed")
+            return produce(owner)
+
+        def conflicting(owner: Owner) -> tuple[list[Flow], list[Group]]:
+            return (switch.forward()[A], []) if owner == owners[250] else produce(owner)
+
+        def refused(owner: Owner) -> tuple[list[Flow], list[Group]]:
+            i = owners.index(owner)
+            return (flows(i, "group:9999"), []) if i == 250 else produce(owner)
+
+        chunk = _BundleStream.CHUNK
+        _BundleStream.CHUNK = 64  # several writes before the failure
+        try:
+            with pytest.raises(RuntimeError, match="translation failed"):
+                await rec.set_streamed(owners, failing)
+            with pytest.raises(FlowConflict):
+                await rec.set_streamed(owners, conflicting)
+            with pytest.raises(OfctlError, match="table unchanged") as err:
+                await rec.set_streamed(owners, refused)
+            assert err.value.flow is not None and "group:9999" in err.value.flow
+            assert switch.raw_dump() == before and await switch.ofctl.dump_groups() == {}
+            assert rec.owners == [A, B] and rec.desired_groups() == []
+            assert await rec.set_streamed(owners, produce) == 600  # 300 groups, 300 flows
+        finally:
+            _BundleStream.CHUNK = chunk
+        assert len(await switch.ofctl.dump_groups()) == 300
+        assert len([x for x in await switch.ofctl.dump() if x.table == 6]) == 300
+        assert not (await rec.resync()).changed
+        assert await rec.set_streamed(owners, produce) == 0  # nothing changed: no ovs-ofctl at all
+        assert await rec.set_streamed(owners[:10], lambda o: ([], [])) == 20
+        assert len(await switch.ofctl.dump_groups()) == 290
+        assert await can_ping(switch)
+
     async def test_resync_repairs_drift(self, switch: Switch) -> None:
         rec = FlowReconciler(switch.ofctl)
         await rec.set_many(switch.forward())

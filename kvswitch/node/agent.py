@@ -30,6 +30,7 @@ from kvswitch.ovs.groups import Group
 from kvswitch.ovs.ovsdb import PortInfo
 from kvswitch.ovs.pipeline import AUDIT_USERDATA, NODEPORT_VIP, Category, Owner, Table
 from kvswitch.ovs.reject import RejectResponder
+from kvswitch.policy.compute import paused_gc
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
 from kvswitch.policy.stats import CounterDeltas, RuleCounters, RuleRef, parse_counter_flows, rule_counters
 from kvswitch.services.flows import NodeContext
@@ -278,14 +279,20 @@ class NodeAgent:
         if not dirty:
             return 0
         udp_before = {key: self._udp_backends.pop(key, set()) for key in dirty}
-        flows: dict[Owner, list[Flow]] = {}
-        groups: dict[Owner, list[Group]] = {}
-        for key in dirty:
-            owner = Owner(Category.SERVICE, key)
-            f, g = self.services.translate(key) if enabled else ([], [])
-            flows[owner], groups[owner] = f, g
+        programmed: dict[str, bool] = {}
+
+        def translate(owner: Owner) -> tuple[list[Flow], list[Group]]:
+            f, g = self.services.translate(owner.name) if enabled else ([], [])
+            programmed[owner.name] = bool(f)
+            return f, g
+
         try:
-            changed = await self.datapath.reconciler.set_many(flows, groups)
+            # Translated one by one as ovs-ofctl takes them in (a full sync of 10k Services
+            # overlaps its translation with ovs-ofctl's parsing). The cyclic collector is off:
+            # the 100k+ objects built have no cycles, it would only rescan them.
+            with paused_gc():
+                owners = [Owner(Category.SERVICE, key) for key in sorted(dirty)]
+                changed = await self.datapath.reconciler.set_streamed(owners, translate)
         except BaseException:
             if enabled:
                 self._services_dirty |= dirty  # OVS refused the bundle: try them again
@@ -304,7 +311,7 @@ class NodeAgent:
             for frontend, port, endpoint, endpoint_port in sorted(udp_before[key] - now):
                 await self.datapath.flush_udp_conntrack(frontend, port, endpoint, endpoint_port)
         for key in dirty:
-            if flows[Owner(Category.SERVICE, key)]:
+            if programmed[key]:
                 self._programmed_services.add(key)
             else:
                 self._programmed_services.discard(key)

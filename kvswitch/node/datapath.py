@@ -19,7 +19,6 @@ from kvswitch.node.telemetry import telemetry_commands
 from kvswitch.ovs.appctl import appctl
 from kvswitch.ovs.coherence import megaflow_purge_needed
 from kvswitch.ovs.flows import Flow
-from kvswitch.ovs.groups import Group
 from kvswitch.ovs.openflow import FlowReconciler, Ofctl, ResyncReport
 from kvswitch.ovs.ovsdb import AsyncOvsdb, EnsureBridge, EnsurePort, PortInfo
 from kvswitch.ovs.pipeline import (
@@ -73,15 +72,8 @@ class PurgingReconciler(FlowReconciler):
         self._after_change = after_change
         self._before_resync = before_resync
 
-    async def set_many(
-        self,
-        changes: Mapping[Owner, Iterable[Flow]],
-        groups: Mapping[Owner, Iterable[Group]] | None = None,
-    ) -> int:
-        changed = await super().set_many(changes, groups)
-        if changed:
-            await self._after_change()
-        return changed
+    async def after_change(self) -> None:
+        await self._after_change()
 
     async def resync(self) -> ResyncReport:
         if self._before_resync is not None:  # what flows refer to (meters) goes in first

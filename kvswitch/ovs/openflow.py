@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from kvswitch import metrics
@@ -116,6 +116,20 @@ class Ofctl:
             metrics.BUNDLE_DURATION.observe(time.perf_counter() - started)
             metrics.BUNDLE_SIZE.observe(len(lines))
 
+    @contextlib.asynccontextmanager
+    async def streamed_bundle(self) -> AsyncIterator[Callable[[list[str]], Awaitable[None]]]:
+        """A ``bundle`` whose lines are written while they are produced: ovs-ofctl parses them
+        as they come (a large change's translation overlaps its parsing) and sends the bundle at
+        the end of the block. An exception in the block kills ovs-ofctl before it read the end:
+        nothing reaches the switch. No line at all: no ovs-ofctl."""
+        stream = _BundleStream(self)
+        try:
+            yield stream.send
+        except BaseException:
+            await stream.abort()
+            raise
+        await stream.finish()
+
     async def dump_groups(self) -> dict[int, str]:
         return parse_group_dump(await self._run("dump-groups", self.target))
 
@@ -152,6 +166,76 @@ class Ofctl:
         return True
 
 
+class _BundleStream:
+    """Lines written to ``ovs-ofctl bundle <target> -`` in chunks (see Ofctl.streamed_bundle)."""
+
+    CHUNK = 4096  # lines per write
+
+    def __init__(self, ofctl: Ofctl) -> None:
+        self.ofctl = ofctl
+        self.lines: list[str] = []  # everything sent, for the error's culprit
+        self._pending: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by finish or abort)
+        self._started = 0.0
+
+    async def send(self, lines: list[str]) -> None:
+        self._pending.extend(lines)
+        if len(self._pending) >= self.CHUNK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._proc is None:
+            self._started = time.perf_counter()
+            self._proc = await asyncio.create_subprocess_exec(
+                "ovs-ofctl", "-O", "OpenFlow15", "bundle", self.ofctl.target, "-",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=self._stderr,
+                env=self.ofctl._env(),
+            )  # fmt: skip
+        assert self._proc.stdin is not None
+        self.lines.extend(self._pending)
+        text, self._pending = "\n".join(self._pending) + "\n", []
+        try:
+            self._proc.stdin.write(text.encode())
+            await self._proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # ovs-ofctl stopped reading (a line it cannot parse): finish() reports why
+
+    async def finish(self) -> None:
+        try:
+            await self._flush()
+            if self._proc is None:
+                return
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await self._proc.stdin.wait_closed()
+            if await self._proc.wait() != 0:
+                self._stderr.seek(0)
+                err = self._stderr.read().decode().strip()
+                metrics.BUNDLE_ERRORS.inc()
+                raise OfctlError(
+                    f"bundle of {len(self.lines)} group/flow changes rejected, table unchanged: "
+                    f"ovs-ofctl bundle {self.ofctl.target}: {err}",
+                    _culprit(err, self.lines),
+                )
+        finally:
+            self._stderr.close()
+            if self._proc is not None:
+                metrics.BUNDLE_DURATION.observe(time.perf_counter() - self._started)
+                metrics.BUNDLE_SIZE.observe(len(self.lines))
+
+    async def abort(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()  # before it read the end of its input: it sent nothing
+            await self._proc.wait()
+        self._stderr.close()
+
+
 def _culprit(stderr: str, lines: list[str]) -> str | None:
     """The flow ovs-ofctl complained about: by line number (parse errors) or by its echo (OpenFlow errors)."""
     m = re.search(r"-:(\d+):", stderr)
@@ -170,6 +254,103 @@ class ResyncReport:
     @property
     def changed(self) -> bool:
         return bool(self.added or self.deleted)
+
+
+class _Batch:
+    """One atomic change of a reconciler, being staged: the lines it needs and, once OVS took it,
+    :meth:`commit` into the reconciler's memory. Staging has no side effects, so a conflict
+    found half-way leaves everything as it was."""
+
+    def __init__(
+        self, rec: FlowReconciler, flow_owners: Collection[Owner], group_owners: Collection[Owner]
+    ) -> None:
+        self.rec = rec
+        self.flow_owners, self.group_owners = set(flow_owners), set(group_owners)
+        self.staged: dict[Owner, dict[FlowKey, Flow]] = {}
+        self.staged_groups: dict[Owner, dict[int, Group]] = {}
+        self.claimed: dict[FlowKey, Owner] = {}
+        self.group_dels: list[str] = []
+        self.size = 0  # flow and group changes
+
+    def stage_groups(self, owner: Owner, groups: Iterable[Group]) -> list[str]:
+        """``owner``'s groups become ``groups``: the add/modify lines (deletes: :attr:`group_dels`)."""
+        rec, out = self.rec, []
+        new_groups = self.staged_groups[owner] = {g.group_id: g for g in groups}
+        old_groups = rec._groups.get(owner, {})
+        for gid, group in new_groups.items():
+            holder = rec._group_owner.get(gid)
+            if holder is not None and holder != owner and holder not in self.group_owners:
+                raise FlowConflict(f"{owner} and {holder} both claim group {gid}")
+            before = old_groups.get(gid)
+            if before is None:
+                # add_or_mod: after a restart the previous round's group may hold this id
+                out.append("group add_or_mod " + group.render())
+            elif before != group:
+                out.append("group modify " + group.render())
+        dels = [f"group delete group_id={gid}" for gid in old_groups if gid not in new_groups]
+        self.group_dels += dels
+        self.size += len(out) + len(dels)
+        return out
+
+    def stage_flows(self, owner: Owner, flows: Iterable[Flow]) -> list[str]:
+        """``owner``'s flows become ``flows``: the add/modify lines (deletes: :meth:`deletes`)."""
+        rec, claimed = self.rec, self.claimed
+        new = self.staged[owner] = {f.key: f for f in flows}
+        for key in new:
+            holder = rec._key_owner.get(key)
+            if holder is not None and holder != owner and holder not in self.flow_owners:
+                raise FlowConflict(f"{owner} and {holder} both claim flow {key}")
+            if claimed.setdefault(key, owner) != owner:
+                raise FlowConflict(f"{owner} and {claimed[key]} both claim flow {key}")
+        old = rec._desired.get(owner, {})
+        cookie = rec.cookie(owner)
+        out = []
+        for key, flow in new.items():
+            prev = old.get(key)
+            if prev is None:
+                out.append("add " + flow.render(cookie))
+            elif prev.actions != flow.actions:
+                out.append("modify_strict " + flow.render(cookie))
+        self.size += len(out)
+        return out
+
+    def deletes(self) -> list[str]:
+        """The staged owners' flows that are gone (a key that moved to another staged owner is
+        replaced by its add, not deleted)."""
+        out = [
+            "delete_strict " + f.spec()
+            for owner in self.staged
+            for k, f in self.rec._desired.get(owner, {}).items()
+            if k not in self.claimed
+        ]
+        self.size += len(out)
+        return out
+
+    def commit(self) -> None:
+        rec = self.rec
+        for owner, new_groups in self.staged_groups.items():
+            for gid in rec._groups.get(owner, {}):
+                if rec._group_owner.get(gid) == owner:
+                    del rec._group_owner[gid]
+            for gid in new_groups:
+                rec._group_owner[gid] = owner
+            if new_groups:
+                rec._groups[owner] = new_groups
+            else:
+                rec._groups.pop(owner, None)
+        counts: dict[tuple[int, Category], int] = {}
+        for owner, new in self.staged.items():
+            rec._count(owner, rec._desired.get(owner, {}), new, counts)
+            for key in rec._desired.get(owner, {}):
+                if rec._key_owner.get(key) == owner:
+                    del rec._key_owner[key]
+            for key in new:
+                rec._key_owner[key] = owner
+            if new:
+                rec._desired[owner] = new
+            else:
+                rec._desired.pop(owner, None)
+        rec._publish_counts(counts)
 
 
 class FlowReconciler:
@@ -245,72 +426,51 @@ class FlowReconciler:
     ) -> int:
         """Several owners in one atomic bundle; memory is updated only if OVS accepted it.
         ``groups`` replaces the groups of the owners it names (their flows may use them)."""
+        groups = groups or {}
         async with self._lock:
-            staged_groups = {owner: {g.group_id: g for g in gs} for owner, gs in (groups or {}).items()}
-            group_adds: list[str] = []
-            group_dels: list[str] = []
-            for owner, new_groups in staged_groups.items():
-                old_groups = self._groups.get(owner, {})
-                for gid, group in new_groups.items():
-                    holder = self._group_owner.get(gid)
-                    if holder is not None and holder != owner and holder not in staged_groups:
-                        raise FlowConflict(f"{owner} and {holder} both claim group {gid}")
-                    before = old_groups.get(gid)
-                    if before is None:
-                        # add_or_mod: after a restart the previous round's group may hold this id
-                        group_adds.append("group add_or_mod " + group.render())
-                    elif before != group:
-                        group_adds.append("group modify " + group.render())
-                group_dels.extend(
-                    f"group delete group_id={gid}" for gid in old_groups if gid not in new_groups
-                )
-            staged = {owner: {f.key: f for f in flows} for owner, flows in changes.items()}
-            claimed: dict[FlowKey, Owner] = {}
-            for owner, new in staged.items():
-                for key in new:
-                    holder = self._key_owner.get(key)
-                    if holder is not None and holder != owner and holder not in staged:
-                        raise FlowConflict(f"{owner} and {holder} both claim flow {key}")
-                    if claimed.setdefault(key, owner) != owner:
-                        raise FlowConflict(f"{owner} and {claimed[key]} both claim flow {key}")
-            lines: list[str] = []
-            for owner, new in staged.items():
-                old = self._desired.get(owner, {})
-                cookie = self.cookie(owner)
-                for key, flow in new.items():
-                    prev = old.get(key)
-                    if prev is None:
-                        lines.append("add " + flow.render(cookie))
-                    elif prev.actions != flow.actions:
-                        lines.append("modify_strict " + flow.render(cookie))
-                # A key that moves to another owner in this batch is replaced by its add, not deleted.
-                lines.extend("delete_strict " + f.spec() for k, f in old.items() if k not in claimed)
-            await self.ofctl.bundle_with_groups(group_adds, lines, group_dels)
-            for owner, new_groups in staged_groups.items():
-                for gid in self._groups.get(owner, {}):
-                    if self._group_owner.get(gid) == owner:
-                        del self._group_owner[gid]
-                for gid in new_groups:
-                    self._group_owner[gid] = owner
-                if new_groups:
-                    self._groups[owner] = new_groups
-                else:
-                    self._groups.pop(owner, None)
-            for owner, new in staged.items():
-                self._count(owner, self._desired.get(owner, {}), new)
-                for key in self._desired.get(owner, {}):
-                    if self._key_owner.get(key) == owner:
-                        del self._key_owner[key]
-                for key in new:
-                    self._key_owner[key] = owner
-                if new:
-                    self._desired[owner] = new
-                else:
-                    self._desired.pop(owner, None)
-            return len(lines) + len(group_adds) + len(group_dels)
+            batch = _Batch(self, changes.keys(), groups.keys())
+            group_adds = [line for owner, gs in groups.items() for line in batch.stage_groups(owner, gs)]
+            lines = [line for owner, fs in changes.items() for line in batch.stage_flows(owner, fs)]
+            lines += batch.deletes()
+            await self.ofctl.bundle_with_groups(group_adds, lines, batch.group_dels)
+            batch.commit()
+        if batch.size:
+            await self.after_change()
+        return batch.size
 
-    def _count(self, owner: Owner, old: Mapping[FlowKey, Flow], new: Mapping[FlowKey, Flow]) -> None:
-        """Keep the flows-per-table gauges (and the pod count) in step with one owner's change."""
+    async def set_streamed(
+        self, owners: Collection[Owner], produce: Callable[[Owner], tuple[Iterable[Flow], Iterable[Group]]]
+    ) -> int:
+        """Like :meth:`set_many` for every owner in ``owners`` (flows and groups), each produced
+        by ``produce`` only when its turn comes and written to ovs-ofctl at once: for a large
+        batch (a full sync of 10k Services) the production overlaps ovs-ofctl's parsing. Still
+        one atomic bundle; an error on the way (a conflict, ``produce`` raising) sends nothing."""
+        async with self._lock:
+            batch = _Batch(self, owners, owners)
+            async with self.ofctl.streamed_bundle() as send:
+                for owner in owners:
+                    flows, groups = produce(owner)
+                    group_lines = batch.stage_groups(owner, groups)
+                    await send([*group_lines, *("flow " + line for line in batch.stage_flows(owner, flows))])
+                await send([*("flow " + line for line in batch.deletes()), *batch.group_dels])
+            batch.commit()
+        if batch.size:
+            await self.after_change()
+        return batch.size
+
+    async def after_change(self) -> None:
+        """Called (outside the lock) after a change reached the bridge; for subclasses."""
+
+    def _count(
+        self,
+        owner: Owner,
+        old: Mapping[FlowKey, Flow],
+        new: Mapping[FlowKey, Flow],
+        touched: dict[tuple[int, Category], int],
+    ) -> None:
+        """Keep the flows-per-table counts (and the pod count) in step with one owner's change;
+        ``touched`` collects the (table, category) counts to publish (once per batch: a full sync
+        changes 10k owners)."""
         if bool(old) != bool(new) and owner.category == Category.POD:
             metrics.PODS.inc(1 if new else -1)
         before = self._owner_tables.pop(owner, collections.Counter())
@@ -319,9 +479,15 @@ class FlowReconciler:
             self._owner_tables[owner] = after
         for table in before.keys() | after.keys():
             key = (table, owner.category)
-            self._flow_counts[key] = self._flow_counts.get(key, 0) + after[table] - before[table]
+            touched[key] = self._flow_counts[key] = (
+                self._flow_counts.get(key, 0) + after[table] - before[table]
+            )
+
+    @staticmethod
+    def _publish_counts(counts: Mapping[tuple[int, Category], int]) -> None:
+        for (table, category), n in counts.items():
             name = Table(table).name if table in Table._value2member_map_ else str(table)
-            metrics.FLOWS.labels(table=name, owner=owner.category.name.lower()).set(self._flow_counts[key])
+            metrics.FLOWS.labels(table=name, owner=category.name.lower()).set(n)
 
     # --- full resync ----------------------------------------------------------------------
 

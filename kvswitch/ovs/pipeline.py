@@ -13,6 +13,7 @@ values under registers, and its own section of actions. Everything renders in th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from enum import IntEnum
@@ -288,6 +289,7 @@ def ct_mark_match(*bits: CtMark, unset: tuple[CtMark, ...] = ()) -> str:
     return f"ct_mark={_hex(sum(int(b) for b in bits))}/{mask:#x}"
 
 
+@functools.cache
 def _ct_mark_set(*bits: CtMark) -> str:
     value = sum(int(b) for b in bits)
     return f"set_field:{value:#x}/{value:#x}->ct_mark"
@@ -316,12 +318,12 @@ def ct_commit(*bits: CtMark) -> str:
 
 
 CT_COMMIT = f"ct(commit,zone={CT_ZONE})"
+_SERVICE_MARK = _ct_mark_set(CtMark.SERVICE)
 
 
 def ct_dnat_commit(ip: str, port: int, then: Table) -> str:
     """Commit a new Service connection translated to ``ip:port``; continue in ``then``."""
-    mark = _ct_mark_set(CtMark.SERVICE)
-    return f"ct(commit,table={int(then)},zone={CT_ZONE},nat(dst={ip}:{port}),exec({mark}))"
+    return f"ct(commit,table={int(then)},zone={CT_ZONE},nat(dst={ip}:{port}),exec({_SERVICE_MARK}))"
 
 
 HAIRPIN_SNAT = f"ct(commit,zone={SNAT_ZONE},nat(src={HAIRPIN_SNAT_IP}))"
