@@ -812,19 +812,59 @@ class Snapshots:
 def cold_start(
     args: argparse.Namespace, c: Any, node: Any, local: list[dict[str, Any]], want: set[tuple[Any, ...]]
 ) -> None:
-    """Kill -9 the agent and start it again, a ping stream between two of the node's pods meanwhile."""
-    import re
-    import signal
-
+    """Kill -9 the agent and start it again, a ping stream between two of the node's pods meanwhile:
+    first with its warm-start cache as it saved it (the agent saves its inputs 2 s after the last
+    change it installed), then without it (the cluster-wide lists first), in the same run."""
     fronts = [
         c.pods[(o["metadata"]["namespace"], o["metadata"]["name"])]
         for o in local
         if o["metadata"]["labels"]["tier"] == "front"
     ]
-    src, dst = fronts[0], fronts[1]
-    agent = f"agent-{NODE}"
+    cache = c.node_dir(node) / "policy-inputs.cache"
+    results = []
+    for warm in (True, False):
+        # idle, then 3 s more: the agent saved what it installed last (2 s after it)
+        wait_idle(c.processes[f"agent-{NODE}"].popen.pid)
+        time.sleep(3.0)
+        assert cache.exists(), "the agent saved no warm-start cache"
+        if not warm:
+            cache.unlink()
+        took, sent, lost, log = restart_under_ping(c, node, fronts[0], fronts[1])
+        complete = normalized(policy_dump(node)) == want
+        if not complete:  # (the lists, after a warm start, may still be on their way)
+            complete = (
+                wait_for("flows as computed", lambda: normalized(policy_dump(node)) == want, 60, 0.2) >= 0
+            )
+        used = "warm start:" in log
+        results.append((warm, took, sent, lost, complete, used))
+    rss, hwm = rss_mib(c.processes[f"agent-{NODE}"].popen.pid)
+    (_, warm_s, sent, lost, complete, used), (_, cold_s, sent2, lost2, complete2, used2) = results
+    print(
+        f"3. cold start: kill -9, k-vswitchd started again on {NODE} ({len(local)} pods, {args.pods} in the "
+        f"cluster): every flow of the new round in, the old round gone after"
+    )
+    print(
+        f"   {warm_s:.2f} s with its warm-start cache (used: {used})   goal <= 5 s   ratio {warm_s / 5:.2f}"
+    )
+    print(f"   {cold_s:.2f} s without it (lists first; used: {used2})   warm/without {warm_s / cold_s:.2f}")
+    print(
+        f"   ping stream between two of its pods (100/s): {sent} sent, {lost} lost with the cache; "
+        f"{sent2} sent, {lost2} lost without   goal 0 lost"
+    )
+    print(
+        f"   policy flows then as computed: {complete} / {complete2}; agent RSS after the restarts "
+        f"{rss:.0f} MiB (peak {hwm:.0f})"
+    )
+
+
+def restart_under_ping(c: Any, node: Any, src: Any, dst: Any) -> tuple[float, int, int, str]:
+    """(seconds to the new round, pings sent, pings lost, the new agent's log)."""
+    import re
+    import signal
+
     from kvswitch_testbed.netns import in_netns
 
+    agent = f"agent-{NODE}"
     ping = subprocess.Popen(
         in_netns(["ping", "-n", "-q", "-i", "0.01", "-W", "1", dst.ip], src.netns),
         stdout=subprocess.PIPE,
@@ -839,18 +879,7 @@ def cold_start(
     out = ping.communicate(timeout=10)[0]
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     sent, got = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    rss, hwm = rss_mib(c.processes[agent].popen.pid)
-    complete = normalized(policy_dump(node)) == want
-    print(
-        f"3. cold start: kill -9, k-vswitchd started again on {NODE} ({len(local)} pods, {args.pods} in the "
-        f"cluster): every flow of the new round in, the old round gone after {took:.2f} s   goal <= 5 s   "
-        f"ratio {took / 5:.2f}"
-    )
-    print(f"   ping stream between two of its pods (100/s): {sent} sent, {sent - got} lost   goal 0 lost")
-    print(
-        f"   policy flows then as computed: {complete}; agent RSS after the restart {rss:.0f} MiB "
-        f"(peak {hwm:.0f})"
-    )
+    return took, sent, sent - got, c.processes[agent].log.read_text(errors="replace")
 
 
 def main() -> None:

@@ -179,6 +179,9 @@ class ControllerSettings(BaseModel):
     mtu: int | None = Field(default=None, ge=576, le=9216)
     metrics_port: int = Field(default=9466, ge=0, le=65535)  # Prometheus /metrics; 0 = off
     metrics_address: str = ""  # "" = every address
+    # Warm start: this node's policy inputs as last installed, so a restarted agent replaces the
+    # previous round of flows without waiting for the cluster-wide lists; "" = off
+    inputs_cache: str = "/var/run/k-vswitch/policy-inputs.cache"
     # NetworkPolicy per-rule statistics: seconds between reads of the rule counter flows; 0 = off
     policy_stats_interval: float = Field(default=5.0, ge=0)
     # NetworkPolicy audit log (policies annotated kvswitch.io/log: "true")
@@ -236,6 +239,9 @@ class AgentSettings(BaseModel):
     resync_interval: float = 60.0
     metrics_port: int = Field(default=9465, ge=0, le=65535)  # Prometheus /metrics; 0 = off
     metrics_address: str = ""  # "" = every address
+    # Warm start: this node's policy inputs as last installed, so a restarted agent replaces the
+    # previous round of flows without waiting for the cluster-wide lists; "" = off
+    inputs_cache: str = "/var/run/k-vswitch/policy-inputs.cache"
     # NetworkPolicy per-rule statistics: seconds between reads of the rule counter flows; 0 = off
     policy_stats_interval: float = Field(default=5.0, ge=0)
     # NetworkPolicy audit log (policies annotated kvswitch.io/log: "true")

@@ -314,6 +314,7 @@ class TestLifecycle:
         src = cluster.pods[("default", "node2-p0")]
         dst = cluster.pods[("default", "node1-p0")]
         old_round = {cookie_round(int(c, 16)) for c in re.findall(r"cookie=(0x[0-9a-f]+)", flows(node))}
+        saved_inputs(cluster, node)
 
         async def scenario() -> tuple[str, bool]:
             pinger = asyncio.create_task(
@@ -344,6 +345,57 @@ class TestLifecycle:
         rounds = {cookie_round(int(c, 16)) for c in re.findall(r"cookie=(0x[0-9a-f]+)", flows(node))}
         assert len(rounds) == 1 and rounds.isdisjoint(old_round), "stale flows of the old round remain"
         cluster.wait_ready(node.name)
+        # the agent had saved its inputs: the new round came from them, before the lists
+        assert "warm start:" in cluster.processes[f"agent-{node.name}"].log.read_text()
+
+    def test_warm_start_then_what_changed_while_the_agent_was_down(self, cluster: Cluster) -> None:
+        """A policy created while node2's agent is down: the restarted agent replaces its old round
+        from its cache (the flows as they were), then its lists bring the policy in."""
+        node = cluster.bed.nodes["node2"]
+        server = cluster.pods[("default", "node2-p0")]  # app=a0
+        friend, stranger = cluster.pods[("default", "node1-p1")], cluster.pods[("default", "node3-p0")]
+        path = "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies"
+
+        async def reach(src: ClusterPod) -> bool:
+            srv = await EchoServer(server.netns, server.ip, 7200).start()
+            try:
+                return await tcp_echo(src.netns, server.ip, 7200, size=64, timeout=1.0)
+            finally:
+                await srv.stop()
+
+        saved_inputs(cluster, node)
+        old_round = {cookie_round(int(c, 16)) for c in re.findall(r"cookie=(0x[0-9a-f]+)", flows(node))}
+        cluster.processes[f"agent-{node.name}"].stop(signal.SIGKILL)
+        policy = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "a0-from-a1-while-down", "namespace": "default"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "a0"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a1"}}}]}],
+            },
+        }
+        cluster.client.create(path, policy)
+        try:
+            agent = cluster.start_agent(node)
+            cluster.client.wait_for("new round", lambda: _round_changed(node, old_round), 30)
+            assert "warm start:" in agent.log.read_text()
+            cluster.client.wait_for("stranger denied", lambda: not asyncio.run(reach(stranger)), 20, 0.2)
+            assert asyncio.run(reach(friend))
+        finally:
+            cluster.client.delete(f"{path}/a0-from-a1-while-down")
+        cluster.client.wait_for("stranger allowed again", lambda: asyncio.run(reach(stranger)), 20, 0.2)
+
+    def test_a_damaged_cache_means_listing_first(self, cluster: Cluster) -> None:
+        node = cluster.bed.nodes["node3"]
+        old_round = {cookie_round(int(c, 16)) for c in re.findall(r"cookie=(0x[0-9a-f]+)", flows(node))}
+        cluster.processes[f"agent-{node.name}"].stop(signal.SIGKILL)
+        (cluster.node_dir(node) / "policy-inputs.cache").write_bytes(b"not a snapshot")
+        agent = cluster.start_agent(node)
+        cluster.client.wait_for("new round", lambda: _round_changed(node, old_round), 30)
+        log = agent.log.read_text()
+        assert "unreadable" in log and "warm start:" not in log
+        assert_full_matrix(cluster)
 
     def test_vswitchd_restart_flows_back_within_a_second(self, cluster: Cluster) -> None:
         node = cluster.bed.nodes["node2"]
@@ -433,6 +485,14 @@ class TestNodeDeletion:
                 cluster.client.wait_for(
                     f"route to {cidr} gone on {n.name}", functools.partial(_lacks, n, cidr)
                 )
+
+
+def saved_inputs(c: Cluster, node: Node) -> None:
+    """Until the agent has saved its inputs (its warm-start cache) and had time to save any
+    change since (it saves after 2 s without one)."""
+    cache = c.node_dir(node) / "policy-inputs.cache"
+    c.client.wait_for("the agent's warm-start cache", cache.exists, 20)
+    time.sleep(3)
 
 
 def _lacks(node: Node, cidr: str) -> bool:

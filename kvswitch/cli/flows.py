@@ -30,6 +30,7 @@ from kvswitch.ovs.pipeline import (
     OWNER_MASK,
     Category,
     Owner,
+    category_filter,
     owner_hash,
 )
 
@@ -73,12 +74,6 @@ def owner_filter(owner: Owner) -> str:
     """``cookie=value/mask`` selecting every round's flows of ``owner``."""
     value = (int(owner.category) << CATEGORY_SHIFT) | owner_hash(owner.name)
     return f"cookie={value:#x}/{CATEGORY_MASK | OWNER_MASK:#x}"
-
-
-def category_filter(category: Category) -> str:
-    """``cookie=value/mask`` selecting every flow of ``category`` (policy flows are spread over
-    many owners)."""
-    return f"cookie={int(category) << CATEGORY_SHIFT:#x}/{CATEGORY_MASK:#x}"
 
 
 def dump(ovs: NodeOvs, *filters: str) -> list[FlowStat]:

@@ -88,17 +88,23 @@ async def start_up(
         for obj in await configs.list():
             known.record(VSWITCHCONFIGS, obj, deleted=False)
             await apply_config(agent, configs, obj)
-        # Policies before the old round goes: a restarted agent never opens an isolated pod.
-        await listing
+        # Policies before the old round goes: a restarted agent never opens an isolated pod. Its
+        # warm-start cache, when it gives exactly the policy flows installed, keeps them as they
+        # are while the lists come; otherwise the lists come first.
+        if not await agent.warm_start():
+            await listing
+            feeds.load()
+        await agent.sync_ports()
+        await agent.apply_policy()
+        # Services too: established connections through a Service keep their endpoints' flows.
+        await load_services(api, agent, known)
+        await agent.apply_services()
+        await agent.finish_startup()
+        if agent.warm:
+            await listing  # the cluster as it is now: what changed since comes in as one update
+            feeds.load()
     finally:
         listing.cancel()
-    feeds.load()
-    await agent.sync_ports()
-    await agent.apply_policy()
-    # Services too: established connections through a Service keep their endpoints' flows.
-    await load_services(api, agent, known)
-    await agent.apply_services()
-    await agent.finish_startup()
     feeds.start()  # watched from the versions listed: nothing since is missed
 
 

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import pickle
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -28,7 +30,7 @@ from kvswitch.node.policy import PolicyInputs
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.groups import Group
 from kvswitch.ovs.ovsdb import PortInfo
-from kvswitch.ovs.pipeline import AUDIT_USERDATA, NODEPORT_VIP, Category, Owner, Table
+from kvswitch.ovs.pipeline import AUDIT_USERDATA, NODEPORT_VIP, Category, Owner, Table, category_filter
 from kvswitch.ovs.reject import RejectResponder
 from kvswitch.policy.compute import paused_gc
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
@@ -81,6 +83,8 @@ class NodeAgent:
         # Set once the cluster's policy inputs are known (a full listing, or start-up finished):
         # before that, flows computed for a new pod could leave an isolated pod open.
         self._inputs_ready = asyncio.Event()
+        # Started from the warm-start cache (warm_start): the real lists are still to come.
+        self.warm = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -96,13 +100,16 @@ class NodeAgent:
         await self.cni_server.start()
 
     async def finish_startup(self) -> None:
-        self._inputs_ready.set()
+        if not self.warm:  # (warm: the inputs are the cache's until the lists replace them)
+            self._inputs_ready.set()
         await self.datapath.finish_startup()
         self._spawn(self.datapath.reconciler.watch(resync_interval=self.settings.resync_interval))
         self._spawn(self.datapath.watch_ports())
         self._spawn(self._policy_loop())
         self._spawn(self._service_loop())
         self._spawn(self.reject.run())
+        if self.settings.inputs_cache:
+            self._spawn(self._save_inputs_loop())
         if self.settings.policy_stats_interval > 0:
             self._spawn(self._policy_stats_loop(self.settings.policy_stats_interval))
 
@@ -119,6 +126,9 @@ class NodeAgent:
         await self.cni_server.stop()
         await self.health.close()
         await asyncio.to_thread(self.audit.stop)
+        if self.settings.inputs_cache and self._inputs_ready.is_set():
+            with contextlib.suppress(Exception):
+                await self.save_inputs()
         await self.datapath.stop()
 
     # --- this node ------------------------------------------------------------------------
@@ -348,6 +358,65 @@ class NodeAgent:
                 await asyncio.sleep(1.0)
                 self._policy_dirty.set()
 
+    # --- warm start ------------------------------------------------------------------------
+
+    async def warm_start(self) -> bool:
+        """Take this node's policy inputs from the warm-start cache, if they give exactly the
+        policy flows the previous agent left installed: then the new round can replace the old
+        one at once, before the cluster-wide lists (seconds at scale) are in, and nothing in the
+        datapath changes meanwhile; those lists follow as a normal update. Otherwise (no cache,
+        unreadable, another node's, older than the flows): False, and nothing is kept."""
+        path = self.settings.inputs_cache
+        if not path:
+            return False
+        try:
+            snapshot = await asyncio.to_thread(_read_cache, path)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # a damaged cache costs the warm start, nothing else
+            log.warning("warm-start cache %s unreadable: %s", path, exc)
+            return False
+        if not self.policy.restore(snapshot):
+            log.warning("warm-start cache %s is not this node's agent's; ignored", path)
+            return False
+        live = await self.datapath.ofctl.dump(category_filter(Category.POLICY))
+        installed = {(f.table, f.priority, f.match, f.actions) for f in live}
+        desired = self.policy.flows()
+        # (flows are authored as OVS prints them; any that are not are compared canonicalised)
+        other = [f for f in desired if (f.table, f.priority, f.match, f.actions) not in installed]
+        canonical = installed & {(f.table, f.priority, f.match, f.actions) for f in desired}
+        if other:
+            canonical |= await asyncio.to_thread(self.datapath.reconciler.canonical, other)
+        if canonical != installed or len(desired) != len(installed):
+            log.info(
+                "warm-start cache %s differs from the installed policy flows (%d vs %d): listing first",
+                path, len(canonical), len(installed),
+            )  # fmt: skip
+            self.policy.replace([], [], [])
+            return False
+        self.warm = True
+        log.info("warm start: %d policy flows from %s, as installed", len(installed), path)
+        return True
+
+    async def save_inputs(self) -> None:
+        """Write the cache (atomically): the inputs of the policy flows installed last."""
+        await asyncio.to_thread(_write_cache, self.settings.inputs_cache, self.policy.snapshot())
+
+    async def _save_inputs_loop(self, quiet: float = 2.0) -> None:
+        """Save once the inputs have been installed and stayed unchanged for ``quiet`` seconds."""
+        saved = -1
+        while True:
+            await asyncio.sleep(quiet)
+            if not self._inputs_ready.is_set() or self._policy_dirty.is_set() or saved == self.policy_applied:
+                continue
+            applied = self.policy_applied
+            try:
+                await self.save_inputs()
+            except Exception as exc:
+                log.warning("writing the warm-start cache failed: %s", exc)
+                continue
+            saved = applied
+
     # --- NetworkPolicy statistics -------------------------------------------------------------
 
     async def read_policy_stats(self) -> dict[tuple[bool, int], RuleCounters]:
@@ -392,3 +461,21 @@ class _PolicyNames:
 
     def isolating(self, ip: str, ingress: bool) -> list[str]:
         return self.agent.policy.table.audited_policies(ip, ingress)
+
+
+def _read_cache(path: str) -> tuple[object, ...]:
+    # The cache is written by this agent only, as root, in a directory only root can write
+    # (the chart's /var/run/k-vswitch): unpickling it trusts no one else.
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    if not isinstance(data, tuple):
+        raise ValueError("not a snapshot")
+    return data
+
+
+def _write_cache(path: str, snapshot: tuple[object, ...]) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(snapshot, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)

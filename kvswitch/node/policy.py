@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import cast
 
 from kvswitch import metrics
 from kvswitch.datapath import LocalPod
 from kvswitch.ovs.flows import Flow
 from kvswitch.ovs.pipeline import Owner
 from kvswitch.policy.compute import PolicyState, paused_gc
-from kvswitch.policy.flows import NodePolicyFlows
+from kvswitch.policy.flows import ConjIds, NodePolicyFlows
 from kvswitch.policy.model import NamespaceInfo, PodInfo, Policy
+
+CACHE_FORMAT = "k-vswitch policy inputs 1"  # a snapshot's first element; another value: not ours
 
 
 class PolicyInputs:
@@ -55,7 +58,36 @@ class PolicyInputs:
             self._local_keys = {p.key for p in pods if p.node == self.node_name}
             effective = [e for k in self._api_pods if (e := self._effective(k)) is not None]
         self.state = PolicyState.build(effective, namespaces, policies)
+        ids = self.table.ids
         self.table = NodePolicyFlows(self.state)  # sends every bucket: what was installed is replaced
+        self.table.ids = ids  # (clauses keep their conjunction ids: unchanged flows stay unchanged)
+
+    def snapshot(self) -> tuple[object, ...]:
+        """This node's inputs and conjunction ids, for the warm-start cache (kvswitch.node.agent):
+        copied containers of immutable model objects, so pickling them in a thread is safe."""
+        s = self.state
+        return (
+            CACHE_FORMAT,
+            self.node_name,
+            list(self._api_pods.values()),
+            list(s.namespaces.values()),
+            list(s.policies.values()),
+            self.table.ids.copy(),
+        )
+
+    def restore(self, snapshot: tuple[object, ...]) -> bool:
+        """Start over from a :meth:`snapshot` of this node's agent (False: not one, nothing done).
+        The conjunction ids come back too, so the same inputs give the same flows, byte for byte."""
+        if len(snapshot) != 6 or snapshot[0] != CACHE_FORMAT or snapshot[1] != self.node_name:
+            return False
+        _, _, pods, namespaces, policies, ids = snapshot
+        if not isinstance(ids, ConjIds):
+            return False
+        self.replace(
+            cast(list[PodInfo], pods), cast(list[NamespaceInfo], namespaces), cast(list[Policy], policies)
+        )
+        self.table.ids = ids
+        return True
 
     def _effective(self, key: str) -> PodInfo | None:
         """The API's pod, with the IP the CNI recorded while the API does not know it yet."""

@@ -396,6 +396,17 @@ class FlowReconciler:
             c = self._cookies[owner] = make_cookie(self.round, owner)
         return c
 
+    def canonical(self, flows: Iterable[Flow]) -> set[tuple[int, int, str, str]]:
+        """(table, priority, match, actions) of ``flows`` as OVS prints them (blocking: may ask
+        ovs-ofctl; call from a thread)."""
+        flows = list(flows)
+        canon = self._canon.canonical(flows)
+        out = set()
+        for f in flows:
+            match, actions = canon.get((f.table, f.priority, f.match, f.actions), (f.match, f.actions))
+            out.add((f.table, f.priority, match, actions))
+        return out
+
     @property
     def owners(self) -> list[Owner]:
         return list(self._desired)

@@ -79,6 +79,11 @@ def cookie_category(cookie: int) -> int:
     return (cookie & CATEGORY_MASK) >> CATEGORY_SHIFT
 
 
+def category_filter(category: Category) -> str:
+    """``cookie=value/mask`` selecting every flow of ``category``, whatever its round and owner."""
+    return f"cookie={int(category) << CATEGORY_SHIFT:#x}/{CATEGORY_MASK:#x}"
+
+
 # --- tables ----------------------------------------------------------------------------------
 class Table(IntEnum):
     """Packets enter at CLASSIFIER; see docs/pipeline.md."""

@@ -233,6 +233,7 @@ def agent_settings(node: Node, workdir: Path, **extra: object) -> AgentSettings:
             "cni_socket": str(workdir / "cni.sock"),
             "ipam_data_dir": str(workdir / "ipam"),
             "audit_log": str(workdir / "np.log"),
+            "inputs_cache": str(workdir / "policy-inputs.cache"),
             **extra,
         }
     )
