@@ -182,6 +182,7 @@ class ControllerSettings(BaseModel):
     # Warm start: this node's policy inputs as last installed, so a restarted agent replaces the
     # previous round of flows without waiting for the cluster-wide lists; "" = off
     inputs_cache: str = "/var/run/k-vswitch/policy-inputs.cache"
+    inputs_cache_spacing: float = Field(default=10.0, ge=0)  # seconds at least between two saves
     # NetworkPolicy per-rule statistics: seconds between reads of the rule counter flows; 0 = off
     policy_stats_interval: float = Field(default=5.0, ge=0)
     # NetworkPolicy audit log (policies annotated kvswitch.io/log: "true")
@@ -242,6 +243,7 @@ class AgentSettings(BaseModel):
     # Warm start: this node's policy inputs as last installed, so a restarted agent replaces the
     # previous round of flows without waiting for the cluster-wide lists; "" = off
     inputs_cache: str = "/var/run/k-vswitch/policy-inputs.cache"
+    inputs_cache_spacing: float = Field(default=10.0, ge=0)  # seconds at least between two saves
     # NetworkPolicy per-rule statistics: seconds between reads of the rule counter flows; 0 = off
     policy_stats_interval: float = Field(default=5.0, ge=0)
     # NetworkPolicy audit log (policies annotated kvswitch.io/log: "true")

@@ -489,10 +489,10 @@ class TestNodeDeletion:
 
 def saved_inputs(c: Cluster, node: Node) -> None:
     """Until the agent has saved its inputs (its warm-start cache) and had time to save any
-    change since (it saves after 2 s without one)."""
+    change since (after 2 s without one, 1 s after its previous save in the test bed)."""
     cache = c.node_dir(node) / "policy-inputs.cache"
     c.client.wait_for("the agent's warm-start cache", cache.exists, 20)
-    time.sleep(3)
+    time.sleep(4)
 
 
 def _lacks(node: Node, cidr: str) -> bool:

@@ -224,6 +224,7 @@ class Cluster:
             "KVSWITCH_IPAM_DATA_DIR": str(d / "ipam"),
             "KVSWITCH_AUDIT_LOG": str(d / "np.log"),
             "KVSWITCH_INPUTS_CACHE": str(d / "policy-inputs.cache"),
+            "KVSWITCH_INPUTS_CACHE_SPACING": "1",  # tests restart agents right after changes
             "KVSWITCH_RESYNC_INTERVAL": "30",
             **(
                 {"KVSWITCH_ASYNCIO_DEBUG_SLOW_MS": str(self.asyncio_slow_ms)}
