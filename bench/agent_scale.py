@@ -873,13 +873,16 @@ def restart_under_ping(c: Any, node: Any, src: Any, dst: Any) -> tuple[float, in
     time.sleep(1.0)
     old = rounds(node)
     c.processes[agent].stop(signal.SIGKILL)
+    logged = c.processes[agent].log.stat().st_size  # (the log file is appended to)
     took = start_agent_timed(c, node, old)
     time.sleep(1.0)
     ping.send_signal(signal.SIGINT)
     out = ping.communicate(timeout=10)[0]
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     sent, got = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    return took, sent, sent - got, c.processes[agent].log.read_text(errors="replace")
+    with c.processes[agent].log.open("rb") as f:
+        f.seek(logged)
+        return took, sent, sent - got, f.read().decode(errors="replace")
 
 
 def main() -> None:
