@@ -168,6 +168,34 @@ def test_ingress_isolation_drop_names_the_policy(bed: Bed, src: str, port: int) 
         assert not tcp_reaches(bed.pods[src], bed.ip("web"), port)
 
 
+def test_a_logged_policy_traces_as_an_unlogged_one(bed: Bed) -> None:
+    """With the audit log on, the policy's flows also copy the packet to the agent: the trace still
+    calls an allowed packet delivered and an isolated one dropped by the policy."""
+    path = f"{NP}/web-ingress"
+    bed.c.client.patch(path, {"metadata": {"annotations": {"kvswitch.io/log": "true"}}})
+    try:
+        wait_for(
+            "web's logged isolation on node2",
+            lambda: f"nw_dst={bed.ip('web')} actions=controller(" in bed.flows("node2", 60),
+        )
+        allowed = bed.trace("client", "default/web", "--dport", "80")["verdict"]
+        assert (allowed["result"], allowed["reason"]) == ("delivered", "allowed"), allowed
+        assert allowed["allowedBy"] == [{"policy": "default/web-ingress", "direction": "ingress", "rule": 0}]
+        dropped = bed.trace("other", "default/web", "--dport", "80")["verdict"]
+        assert (dropped["result"], dropped["reason"], dropped["table"]) == (
+            "dropped",
+            "policy-ingress",
+            "INGRESS",
+        )
+        assert "default/web-ingress" in dropped["text"]
+    finally:
+        bed.c.client.patch(path, {"metadata": {"annotations": {"kvswitch.io/log": None}}})
+        wait_for(
+            "web's isolation unlogged",
+            lambda: f"nw_dst={bed.ip('web')} actions=drop" in bed.flows("node2", 60),
+        )
+
+
 def test_egress_isolation_drop_names_the_policy(bed: Bed) -> None:
     t = bed.trace("locked", "default/other", "--dport", "80")
     v = t["verdict"]

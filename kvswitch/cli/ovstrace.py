@@ -25,12 +25,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kvswitch.ovs.pipeline import AUDIT_USERDATA
+from kvswitch.ovs.reject import USERDATA as REJECT_USERDATA
+
 _STEP = re.compile(r"^(?P<indent>\s*)(?P<table>\d+)\. (?P<rest>.*)$")
 _HEAD = re.compile(r"^(?:(?P<match>.*?), )?priority (?P<prio>\d+)(?:, cookie (?P<cookie>0x[0-9a-f]+))?$")
 _BRIDGE = re.compile(r'^bridge\("(?P<name>[^"]+)"\)$')
 _OUT_PORT = re.compile(r"-> output port is (\d+)")
 _TUNNEL_TO = re.compile(r"-> tunneling to (\S+)")
 _OUTPUT_ACTION = re.compile(r"^output:(\d+)$")
+_AUDIT = "userdata=" + ".".join(f"{b:02x}" for b in AUDIT_USERDATA)  # the audit log's copies
+_REJECT = "userdata=" + ".".join(f"{b:02x}" for b in REJECT_USERDATA)
 
 
 @dataclass
@@ -48,7 +53,17 @@ class Step:
 
     @property
     def drops(self) -> bool:
-        return self.no_match or any(a == "drop" for a in self.actions)
+        """No flow, ``drop``, or nothing but a copy to the audit log (a logged isolation drop)."""
+        return (
+            self.no_match
+            or any(a == "drop" for a in self.actions)
+            or (bool(self.actions) and all(_AUDIT in a for a in self.actions))
+        )
+
+    @property
+    def rejects(self) -> bool:
+        """Sent to the agent's reject responder (a Service without endpoints)."""
+        return any(_REJECT in a for a in self.actions)
 
     @property
     def output_ports(self) -> list[int]:

@@ -186,13 +186,15 @@ def classify(hop: Hop, cluster: ClusterView) -> None:
     last = hop.trace.last
     steps = hop.steps()
     actions = last.datapath_actions.strip()
-    if any("controller" in a for s in steps for a in s.actions):
+    if any(s.rejects for s in steps):
         hop.outcome, hop.detail = (
             "rejected",
             "sent to the agent, which answers with a reject (Service without endpoints)",
         )
         return
-    if actions == "drop" or not steps:
+    # (a logged drop sends the audit log a copy: its datapath actions are that, not "drop")
+    audited_drop = bool(steps) and steps[-1].depth == 0 and steps[-1].drops
+    if actions == "drop" or not steps or audited_drop:
         hop.outcome = "dropped"
         droppers = [s for s in steps if s.drops and s.depth == 0] or [s for s in steps if s.drops]
         hop.deciding = droppers[-1] if droppers else None
