@@ -243,7 +243,7 @@ def test_rule_statistics_and_the_audit_log_of_the_real_agent(cluster: Cluster) -
         assert value(m, "kvswitch_policy_rule_packets_total", **labels) >= 4 * 6
         assert value(m, "kvswitch_policy_rule_bytes_total", **labels) > 4 * 1000
         assert value(m, "kvswitch_policy_audit_lines_total", verdict="allow") == 4
-        log = (cluster.node_dir(dst.node) / "np.log").read_text().splitlines()
+        log = cluster.audit_log(dst.node).read_text().splitlines()
         line = f"ALLOW ingress policy=default/a0-in rule=0 pod=default/node2-p0 TCP {src.ip}:"
         allowed = [x for x in log if line in x]
         assert len(allowed) == 4, log

@@ -657,6 +657,10 @@ class ChartCluster(Cluster):
             return d / named[p]  # where Cluster looks for them
         return d / "host" / p.lstrip("/")
 
+    def audit_log(self, node: Node) -> Path:
+        """The chart's agent writes it under ``hostPaths.auditLogDir`` (mounted from the node)."""
+        return self.host_dir(node, self.values_host_paths()["auditLogDir"]) / "np.log"
+
     def values_host_paths(self) -> dict[str, str]:
         defaults = yaml.safe_load((self.root / "charts" / "k-vswitch" / "values.yaml").read_text())[
             "hostPaths"

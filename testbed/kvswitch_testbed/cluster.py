@@ -211,6 +211,10 @@ class Cluster:
     def node_dir(self, node: Node) -> Path:
         return self.workdir / node.name
 
+    def audit_log(self, node: Node) -> Path:
+        """Where ``node``'s agent writes the NetworkPolicy audit log (KVSWITCH_AUDIT_LOG)."""
+        return self.node_dir(node) / "np.log"
+
     def agent_env(self, node: Node) -> dict[str, str]:
         d = self.node_dir(node)
         return {
@@ -222,7 +226,7 @@ class Cluster:
             "KVSWITCH_CNI_BIN_DIR": str(d / "cni-bin"),
             "KVSWITCH_CNI_SOCKET": str(d / "cni.sock"),
             "KVSWITCH_IPAM_DATA_DIR": str(d / "ipam"),
-            "KVSWITCH_AUDIT_LOG": str(d / "np.log"),
+            "KVSWITCH_AUDIT_LOG": str(self.audit_log(node)),
             "KVSWITCH_INPUTS_CACHE": str(d / "policy-inputs.cache"),
             "KVSWITCH_INPUTS_CACHE_SPACING": "1",  # tests restart agents right after changes
             "KVSWITCH_RESYNC_INTERVAL": "30",

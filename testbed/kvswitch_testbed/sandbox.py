@@ -138,7 +138,7 @@ def _policy_observability(cluster: Cluster) -> int:
     data = rows(per_node, refs, "default/p1-only-from-p0")
     print("\nper-rule statistics (kvswitchctl policy-stats)\n" + render(data))
     sessions = sum(r["sessions"] for r in data)
-    logs = [cluster.node_dir(node) / "np.log" for node in cluster.bed.nodes.values()]
+    logs = [cluster.audit_log(node) for node in cluster.bed.nodes.values()]
     deadline = time.monotonic() + 3  # the agents write their logs from a thread
     while True:
         lines = {log: log.read_text().splitlines() if log.exists() else [] for log in logs}
@@ -149,7 +149,7 @@ def _policy_observability(cluster: Cluster) -> int:
         time.sleep(0.2)
     for log, ls in lines.items():
         if ls:
-            print(f"audit log {log.parent.name}/np.log: {len(ls)} lines, the last: {ls[-1]}")
+            print(f"audit log {log}: {len(ls)} lines, the last: {ls[-1]}")
     if not sessions or allow != sessions or not deny:
         _say(f"policy statistics or audit log wrong: {sessions} sessions, {allow} allowed, {deny} denied")
         return 1
