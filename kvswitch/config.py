@@ -179,18 +179,6 @@ class ControllerSettings(BaseModel):
     mtu: int | None = Field(default=None, ge=576, le=9216)
     metrics_port: int = Field(default=9466, ge=0, le=65535)  # Prometheus /metrics; 0 = off
     metrics_address: str = ""  # "" = every address
-    # Warm start: this node's policy inputs as last installed, so a restarted agent replaces the
-    # previous round of flows without waiting for the cluster-wide lists; "" = off
-    inputs_cache: str = "/var/run/k-vswitch/policy-inputs.cache"
-    inputs_cache_spacing: float = Field(default=10.0, ge=0)  # seconds at least between two saves
-    # NetworkPolicy per-rule statistics: seconds between reads of the rule counter flows; 0 = off
-    policy_stats_interval: float = Field(default=5.0, ge=0)
-    # NetworkPolicy audit log (policies annotated kvswitch.io/log: "true")
-    audit_log: str = "/var/log/kvswitch/np.log"
-    audit_log_max_bytes: int = Field(default=100 << 20, gt=0)  # rotated at this size
-    audit_log_backups: int = Field(default=3, ge=0)
-    audit_rate: int = Field(default=5000, gt=0)  # packets/s copied to the log per node (OVS meter)
-    audit_burst: int | None = Field(default=None, gt=0)  # None = audit_rate
     # Written into every VSwitchConfig (a node's own edit of spec.telemetry wins): None, none.
     telemetry: TelemetrySpec | None = None
 
