@@ -14,8 +14,8 @@ from typing import Any
 
 import kopf
 import pytest
-from kubernetes_asyncio import client, config
-from kvswitch_testbed.apiserver import ApiServer, write_kubeconfig
+from kubernetes_asyncio import client
+from kvswitch_testbed.apiserver import ApiServer, login
 from kvswitch_testbed.cluster import CRD_FILE
 
 from kvswitch.handlers.relist import Kind, KnownObjects, RelistSweeper, Stub, key_of, stub_of
@@ -34,21 +34,13 @@ PODS = "/api/v1/pods"
 
 @pytest.fixture
 async def server() -> AsyncIterator[ApiServer]:
-    srv = ApiServer(crds=[CRD_FILE], kopf_peering=False)
-    await srv.start()
-    try:
+    async with ApiServer(crds=[CRD_FILE], kopf_peering=False).serving() as srv:
         yield srv
-        assert srv.errors == []
-    finally:
-        await srv.stop()
 
 
 @pytest.fixture
 async def api(server: ApiServer, tmp_path: Path) -> AsyncIterator[client.ApiClient]:
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration) as api_client:
+    async with await login(server.url, tmp_path / "kubeconfig") as api_client:
         yield api_client
 
 

@@ -27,9 +27,9 @@ import aiohttp
 import kopf
 import pytest
 import yaml
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
-from kvswitch_testbed.apiserver import ApiError, ApiServer, ApiServerThread, write_kubeconfig
+from kvswitch_testbed.apiserver import ApiError, ApiServer, ApiServerThread, login, write_kubeconfig
 from kvswitch_testbed.netns import netns_socket
 from kvswitch_testbed.netns import run as netns_run
 
@@ -138,21 +138,14 @@ def declare_vsc(server: ApiServer | ApiServerThread) -> None:
 async def server() -> AsyncIterator[ApiServer]:
     srv = ApiServer(bookmark_interval=0.2)
     declare_vsc(srv)
-    await srv.start()
-    try:
+    async with srv.serving():
         yield srv
-        assert srv.errors == []
-    finally:
-        await srv.stop()
 
 
 @pytest.fixture
 async def api(server: ApiServer, tmp_path: Path) -> AsyncIterator[client.ApiClient]:
     """A kubernetes-asyncio client logged in through a kubeconfig written by write_kubeconfig()."""
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration) as api_client:
+    async with await login(server.url, tmp_path / "kubeconfig") as api_client:
         yield api_client
 
 

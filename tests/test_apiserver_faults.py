@@ -14,20 +14,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
-from kvswitch_testbed.apiserver import ApiServer, ApiServerThread, write_kubeconfig
+from kvswitch_testbed.apiserver import ApiServer, ApiServerThread, login
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[ApiServer]:
-    srv = ApiServer(kopf_peering=False)
-    await srv.start()
-    try:
+    async with ApiServer(kopf_peering=False).serving() as srv:
         yield srv
-        assert srv.errors == []
-    finally:
-        await srv.stop()
 
 
 def node(name: str) -> dict[str, Any]:
@@ -172,10 +167,7 @@ async def test_500_and_429_with_retry_after_for_every_request_until_cleared(
     assert status == 429 and headers["Retry-After"] == "2"
     assert body["reason"] == "TooManyRequests" and body["details"] == {"retryAfterSeconds": 2}
     # what kubernetes-asyncio (and kopf's own client) see
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration) as api:
+    async with await login(server.url, tmp_path / "kubeconfig") as api:
         with pytest.raises(ApiException) as err:
             await client.CoreV1Api(api).list_node()
         retry = err.value.headers

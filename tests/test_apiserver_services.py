@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
-from kvswitch_testbed.apiserver import ApiServer, ApiServerThread, write_kubeconfig
+from kvswitch_testbed.apiserver import ApiServer, ApiServerThread, login, write_kubeconfig
 
 JSON = dict[str, Any]
 SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
@@ -42,20 +42,13 @@ def status_of(exc: ApiException) -> JSON:
 
 @pytest.fixture
 async def server() -> AsyncIterator[ApiServer]:
-    srv = ApiServer(kopf_peering=False)
-    await srv.start()
-    try:
+    async with ApiServer(kopf_peering=False).serving() as srv:
         yield srv
-        assert srv.errors == []
-    finally:
-        await srv.stop()
 
 
 async def client_for(server: ApiServer, tmp_path: Path) -> client.ApiClient:
-    kubeconfig = write_kubeconfig(tmp_path / f"kubeconfig-{server.url.rsplit(':', 1)[1]}", server.url)
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    return client.ApiClient(configuration)
+    api: client.ApiClient = await login(server.url, tmp_path / f"kubeconfig-{server.url.rsplit(':', 1)[1]}")
+    return api
 
 
 @pytest.fixture

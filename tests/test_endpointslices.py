@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, config
-from kvswitch_testbed.apiserver import ApiServer, write_kubeconfig
+from kubernetes_asyncio import client
+from kvswitch_testbed.apiserver import ApiServer, login
 from kvswitch_testbed.cluster import Cluster
 from kvswitch_testbed.endpointslices import EndpointSliceController
 
@@ -107,11 +107,8 @@ async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
     await server.start()
     controller = EndpointSliceController(server)
     await controller.start()
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     try:
-        async with client.ApiClient(configuration) as api:
+        async with await login(server.url, tmp_path / "kubeconfig") as api:
             bed = Bed(server, controller, api)
             async with bed.http:
                 for node, zone in (("node-a", "zone-1"), ("node-b", None)):

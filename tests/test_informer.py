@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes_asyncio import client, config
-from kvswitch_testbed.apiserver import ApiServer, write_kubeconfig
+from kubernetes_asyncio import client
+from kvswitch_testbed.apiserver import ApiServer, login
 
 from kvswitch.handlers.informer import Informer
 
@@ -22,21 +22,13 @@ PODS = "/api/v1/pods"
 
 @pytest.fixture
 async def server() -> AsyncIterator[ApiServer]:
-    srv = ApiServer(kopf_peering=False, bookmark_interval=0.2)
-    await srv.start()
-    try:
+    async with ApiServer(kopf_peering=False, bookmark_interval=0.2).serving() as srv:
         yield srv
-        assert srv.errors == []
-    finally:
-        await srv.stop()
 
 
 @pytest.fixture
 async def api(server: ApiServer, tmp_path: Path) -> AsyncIterator[client.ApiClient]:
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration) as api_client:
+    async with await login(server.url, tmp_path / "kubeconfig") as api_client:
         yield api_client
 
 

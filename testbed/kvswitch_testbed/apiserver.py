@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import os
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -136,6 +137,17 @@ class ApiServer:
     def errors(self) -> list[Exception]:
         """Unexpected server-side failures (answered with 500); a passing test expects none."""
         return self.emulator.failures
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[ApiServer]:
+        """Started on loopback, stopped whatever happens, and (when the body passed) checked for
+        unexpected server-side failures: the tests' fixture."""
+        await self.start()
+        try:
+            yield self
+            assert self.errors == [], self.errors
+        finally:
+            await self.stop()
 
     async def start(
         self,
@@ -552,3 +564,14 @@ def write_kubeconfig(
     target = Path(path)
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
+
+
+async def login(url: str, kubeconfig: str | os.PathLike[str]) -> Any:
+    """A kubernetes-asyncio ``ApiClient`` for ``url``, configured as a real client is: from a
+    kubeconfig written at ``kubeconfig`` (:func:`write_kubeconfig`). The caller closes it."""
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    path = write_kubeconfig(kubeconfig, url)
+    await config.load_kube_config(config_file=str(path), client_configuration=configuration)
+    return client.ApiClient(configuration)
