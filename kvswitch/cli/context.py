@@ -246,15 +246,21 @@ class ClusterView:
     def node_of_overlay_ip(self, ip: str) -> str | None:
         return next((n for n, s in self.specs().items() if s.overlay_ip == ip), None)
 
-    def policy_state(self) -> PolicyState:
+    def parsed_policies(self) -> list[Policy]:
+        """The NetworkPolicies the agents use (one they cannot parse they ignore)."""
         policies = []
         for obj in self.policies:
             try:
                 policies.append(Policy.parse(obj))
             except (KeyError, ValueError, TypeError):
-                continue  # the agents ignore it too
+                continue
+        return policies
+
+    def policy_state(self) -> PolicyState:
         return PolicyState.build(
-            [PodInfo.parse(p) for p in self.pods], [NamespaceInfo.parse(n) for n in self.namespaces], policies
+            [PodInfo.parse(p) for p in self.pods],
+            [NamespaceInfo.parse(n) for n in self.namespaces],
+            self.parsed_policies(),
         )
 
     def owner_names(self, node_ports: Iterable[PodPort]) -> dict[tuple[int, int], str]:

@@ -14,7 +14,6 @@ from typing import Any
 
 from kvswitch.cli.context import CliError, Context, NodeOvs, add_common_options, print_json, split_key
 from kvswitch.ovs.pipeline import Table
-from kvswitch.policy.model import Policy
 from kvswitch.policy.stats import RuleCounters, RuleRef, parse_counter_flows, rule_counters, rule_refs
 
 
@@ -84,13 +83,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         only = "/".join(split_key(args.policy)) if args.policy else None
         ctx = Context.from_args(args)
-        policies = []
-        for obj in ctx.cluster().policies:
-            try:
-                policies.append(Policy.parse(obj))
-            except (KeyError, ValueError, TypeError):
-                continue  # the agents ignore it too
-        refs = rule_refs(policies)
+        refs = rule_refs(ctx.cluster().parsed_policies())
         data = rows({name: node_counters(ovs) for name, ovs in ctx.nodes.items()}, refs, only)
     except CliError as exc:
         print(f"kvswitchctl policy-stats: {exc}", file=sys.stderr)
