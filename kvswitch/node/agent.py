@@ -365,7 +365,8 @@ class NodeAgent:
         policy flows the previous agent left installed: then the new round can replace the old
         one at once, before the cluster-wide lists (seconds at scale) are in, and nothing in the
         datapath changes meanwhile; those lists follow as a normal update. Otherwise (no cache,
-        unreadable, another node's, older than the flows): False, and nothing is kept."""
+        unreadable, another node's, older than the flows): False, and of the cache only its
+        conjunction ids are kept (those of the installed flows: fewer flows change later)."""
         path = self.settings.inputs_cache
         if not path:
             return False
