@@ -33,6 +33,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from kvswitch.gc_pause import paused_gc
 from kvswitch.kube import CONNECT_TIMEOUT, REQUEST_TIMEOUT, Backoffs, call_api
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,13 @@ class Informer:
                 token = meta.get("continue") or ""
                 if token:  # the next page is fetched while this one is handed over
                     page = asyncio.ensure_future(self._page(token))
-                for obj in body.get("items") or ():
-                    key, version = key_of(obj), obj["metadata"].get("resourceVersion") or ""
-                    self.held[key] = version
-                    if before.get(key) != version or not version:
-                        self._hand(key, obj)
-                del body
+                with paused_gc():  # what the handler builds: many objects, no cycles
+                    for obj in body.get("items") or ():
+                        key, version = key_of(obj), obj["metadata"].get("resourceVersion") or ""
+                        self.held[key] = version
+                        if before.get(key) != version or not version:
+                            self._hand(key, obj)
+                    del body
                 if not token:
                     return rv
         finally:
@@ -123,7 +125,8 @@ class Informer:
                 data = await response.read()
             finally:
                 response.release()
-            page: dict[str, Any] = json.loads(data)
+            with paused_gc():  # a page of 500 pods: ~100k objects, no cycles
+                page: dict[str, Any] = json.loads(data)
             return page
 
         try:

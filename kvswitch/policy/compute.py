@@ -19,14 +19,13 @@ update, and the node renders the difference once for the set, not once per polic
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
+from kvswitch.gc_pause import paused_gc
 from kvswitch.policy.model import (
     ALL_PORTS,
     IPBlock,
@@ -118,21 +117,6 @@ class _PeerSet:
     namespaces: tuple[str, ...]
     pods: frozenset[str]
     ips: frozenset[str]
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Building these structures allocates many objects and no reference cycles: the cyclic
-    collector would only scan the growing structures again and again (half the time of a
-    cluster-wide computation). Reference counting frees garbage meanwhile as always."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class _Collect:

@@ -10,12 +10,12 @@ of their next event (:meth:`Watches.cut_watches`), as a dying proxy or API serve
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 
 import aiohttp.web
 import attrs
 import kmock
+import orjson
 
 from kvswitch_testbed import apiserver_tables as tables
 from kvswitch_testbed.apiserver_services import Services
@@ -111,7 +111,7 @@ class Watches(Services):
         def line(kind: str, obj: JSON) -> bytes:
             if table and kind in ("ADDED", "MODIFIED", "DELETED"):  # kubectl get -w: one-row tables
                 obj = spec.as_table([obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, params)
-            return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
+            return orjson.dumps({"type": kind, "object": obj}) + b"\n"  # compact, as apiserver_http
 
         try:
             assert request._raw_request is not None
