@@ -66,6 +66,7 @@ bench: setup
 	$(PY) bench/agent_scale.py
 	$(PY) bench/services.py
 	$(PY) bench/megaflow.py
+	$(PY) bench/link_churn.py
 
 sandbox: setup
 	$(VENV)/bin/kvswitchctl sandbox
