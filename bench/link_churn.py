@@ -33,7 +33,7 @@ from pathlib import Path
 from kvswitch_testbed.cluster import Cluster, ClusterPod
 from kvswitch_testbed.netns import in_netns, run
 
-UNDERLAY_LINK = "eth0"  # a node's underlay veth (kvswitch_testbed.bed)
+LINK = "eth0"  # a pod's veth end, and a node's underlay veth (kvswitch_testbed.bed)
 
 
 @dataclass
@@ -124,34 +124,21 @@ def main() -> None:
         version = n1.ovs.appctl("version").stdout.split("\n")[0]
         if args.pinned:
             pin_tunnel_routes(c)
+        # (netns, capture filter) of each point; pods and nodes alike have their link as eth0
         points = {
             "src pod": (src.netns, f"icmp and host {far.ip}"),
             "node1 underlay": (n1.netns, "udp port 4789"),
             "node2 underlay": (n2.netns, "udp port 4789"),
             "far pod": (far.netns, "icmp"),
         }
-        dumps = {
-            label: subprocess.Popen(
-                in_netns(
-                    [
-                        "tcpdump",
-                        "-n",
-                        "-U",
-                        "-s",
-                        "200",
-                        "-i",
-                        "eth0" if "pod" in label else UNDERLAY_LINK,
-                        "-w",
-                        f"{tmp}/{i}.pcap",
-                        flt,
-                    ],
-                    ns,
-                ),
-                stderr=subprocess.DEVNULL,
+        files = {label: Path(tmp) / f"{i}.pcap" for i, label in enumerate(points)}
+        tcpdump = ["tcpdump", "-n", "-U", "-s", "200", "-i", LINK]
+        dumps = [
+            subprocess.Popen(
+                in_netns([*tcpdump, "-w", str(files[label]), flt], ns), stderr=subprocess.DEVNULL
             )
-            for i, (label, (ns, flt)) in enumerate(points.items())
-        }
-        files = {label: Path(f"{tmp}/{i}.pcap") for i, label in enumerate(points)}
+            for label, (ns, flt) in points.items()
+        ]
         time.sleep(1.0)
         with Churn(n1.netns) as churn:
             pings = {
@@ -160,7 +147,7 @@ def main() -> None:
             }
             results = {name: p.communicate()[0] for name, p in pings.items()}
         time.sleep(0.5)
-        for dump in dumps.values():
+        for dump in dumps:
             dump.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 dump.wait(5)

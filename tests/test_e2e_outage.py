@@ -52,6 +52,7 @@ NP = "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies"
 NETPOL = "networking.k8s.io/v1/networkpolicies"
 DB_PORT = 7200
 STREAM_PORT = 7300
+PING_INTERVAL = 0.05  # seconds: the stream's 20 pings a second
 
 
 def policy(name: str, target: dict[str, str], peers: dict[str, str]) -> dict[str, Any]:
@@ -166,7 +167,7 @@ class Traffic:
     async def start(self) -> Traffic:
         self._server = await EchoServer(self.dst.netns, self.dst.ip, STREAM_PORT).start()
         self._ping = await asyncio.create_subprocess_exec(
-            *in_netns(["ping", "-n", "-D", "-i", "0.05", "-W", "1", self.dst.ip], self.src.netns),
+            *in_netns(["ping", "-n", "-D", "-i", str(PING_INTERVAL), "-W", "1", self.dst.ip], self.src.netns),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
@@ -228,7 +229,7 @@ class Traffic:
     def check(self, seconds: float) -> tuple[int, int]:
         """No ping lost, none missing (20 a second for ``seconds``), no TCP failure or stall."""
         sent, lost = loss(self.summary)
-        assert lost == 0 and sent > 20 * seconds * 0.8, self.explain_loss()
+        assert lost == 0 and sent > seconds / PING_INTERVAL * 0.8, self.explain_loss()
         assert self.failures == [] and self.max_gap < 1.0, (self.failures, self.max_gap)
         return sent, lost
 
@@ -240,7 +241,7 @@ class Traffic:
         lines = [f"{sent} sent, {len(replies)} answered"]
         for seq in sorted(set(range(1, sent)) - set(replies)):
             before = max((s for s in replies if s < seq), default=None)
-            at = replies[before] + 0.05 * (seq - before) if before is not None else float("nan")
+            at = replies[before] + PING_INTERVAL * (seq - before) if before is not None else float("nan")
             lines.append(f"  icmp_seq={seq} unanswered, sent about {at:.3f}")
         lines += [f"  {at:.3f} {event}" for at, event in sorted(self.events)]
         return "\n".join(lines) + "\n" + self.summary[-300:]
@@ -464,7 +465,7 @@ def outage_scenario(c: Cluster, outage: Outage) -> dict[str, float]:
     # On node3, off the stream's path (client on node1, web on node2): on OVS's userspace datapath
     # every veth created or deleted in a node's namespace makes ovs-vswitchd flush and re-read its
     # route table and address list, and a tunnel packet of that node translated meanwhile is lost
-    # (bench/link_churn.py measures it; docs/datapath.md). That is OVS's, not the outage's.
+    # (bench/link_churn.py measures it; docs/pipeline.md). That is OVS's, not the outage's.
     newcomer_obj = c.create_pod_object(c.bed.nodes["node3"], f"newcomer-{tag}", labels={"app": f"new-{tag}"})
     before_pids = pids(c)
     watches = api.open_watches()
